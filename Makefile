@@ -1,0 +1,133 @@
+# The project's commands (see README.md). `make run` and `make test` do all of their own set-up and are
+# idempotent: a second call reuses .venv and the data.
+#
+#   make run          set up, execute the notebooks in the full profile in place, export HTML, update README
+#   make test         set up, then pytest
+#   make quick        every notebook in the quick profile into runs/quick/ (committed files untouched)
+#   make html         export the executed notebooks to Assignment01_PartN_output.html
+#   make submission   <student id>_assignment01_solution.zip (STUDENT_ID=... overrides student.json)
+#   make readme       refresh the results table in README.md from results/*.json
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+NOTEBOOKS := $(foreach n,1 2 3,Assignment01_Part$(n)_solution.ipynb)
+STUDENT_ID ?= $(shell python3 -c 'import json; print(json.load(open("student.json"))["student_id"])')
+SUBMISSION_DIR ?= .
+SUBMISSION_ZIP = $(SUBMISSION_DIR)/$(STUDENT_ID)_assignment01_solution.zip
+
+.PHONY: help venv data fashion-mnist animals run test quick html submission check-student-id readme
+
+help:
+	@grep '^#   make ' Makefile | cut -c2-
+
+# --- set-up -------------------------------------------------------------------------------------
+
+venv: $(STAMP)
+
+# Reinstalls only when a requirements file is newer than the stamp.
+$(STAMP): requirements.txt requirements-dev.txt
+	@if [ ! -x $(PY) ]; then \
+	    command -v $(PYTHON_BOOT) >/dev/null || { echo "$(PYTHON_BOOT) not found: install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv) or pass PYTHON_BOOT=/path/to/python3.11" >&2; exit 1; }; \
+	    $(PYTHON_BOOT) -m venv $(VENV) || { echo "could not create $(VENV): install the venv module (e.g. apt-get install python3.11-venv)" >&2; exit 1; }; \
+	fi
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+data: fashion-mnist animals
+
+fashion-mnist:
+	@bash datasets/provision_fashion_mnist.sh
+
+# Animals: datasets/Animals or $ANIMALS_DIR, holding <class>/<image>. Missing or empty is an error,
+# or only a warning where ANIMALS_OPTIONAL=1 (the tests that need the images skip without them).
+animals:
+	@dir="$${ANIMALS_DIR:-datasets/Animals}"; \
+	if [ ! -d "$$dir" ]; then problem="does not exist"; \
+	elif [ -z "$$(find -L "$$dir" -mindepth 2 -type f -print -quit)" ]; then problem="is empty (no <class>/<image> files)"; \
+	else echo "Animals: $$dir"; exit 0; fi; \
+	msg="the Animals folder '$$dir' $$problem. Put the course's Animals images there (see datasets/README.md) or set ANIMALS_DIR to the folder that holds them."; \
+	if [ "$(ANIMALS_OPTIONAL)" = 1 ]; then echo "warning: $$msg Tests that need it are skipped." >&2; \
+	else echo "error: $$msg" >&2; exit 1; fi
+
+# --- the two commands ---------------------------------------------------------------------------
+
+run: venv data
+	PYTHON=$(PY) bash export_html.sh --execute
+	python3 results/render_readme.py
+
+test: ANIMALS_OPTIONAL := 1
+test: venv fashion-mnist animals
+	$(PY) -m pytest -q tests
+
+# --- the others ---------------------------------------------------------------------------------
+
+quick: venv data
+	@mkdir -p runs/quick
+	@for nb in $(NOTEBOOKS); do \
+	    if [ ! -f "$$nb" ]; then echo "skipping $$nb: not written yet"; continue; fi; \
+	    $(PY) -m papermill "$$nb" "runs/quick/$$nb" -p PROFILE quick -k python3 --cwd "$(CURDIR)"; \
+	done
+
+html: venv
+	PYTHON=$(PY) bash export_html.sh
+
+check-student-id:
+	@case "$(STUDENT_ID)" in \
+	    ''|*[!0-9]*) echo "error: STUDENT_ID must be your numeric student ID, got '$(STUDENT_ID)' (set it in student.json or pass STUDENT_ID=12345678)" >&2; exit 1;; \
+	esac
+
+# The zip the assignment asks for: the three notebooks, their HTML exports (made afresh by export_html.sh,
+# which refuses a broken notebook), models.py, models/*.h5 and every local image the notebooks' Markdown
+# shows. Refuses a missing part or an image outside the project before exporting anything.
+submission: check-student-id venv
+	@PYTHON=$(PY) $(PY) -c "$$SUBMISSION_PY" "$(SUBMISSION_ZIP)" $(NOTEBOOKS)
+
+readme:
+	python3 results/render_readme.py
+
+define SUBMISSION_PY
+import os, re, subprocess, sys, zipfile
+from pathlib import Path
+import nbformat
+
+target, notebooks = Path(sys.argv[1]), sys.argv[2:]
+missing = [nb for nb in notebooks if not Path(nb).is_file()]
+if missing:
+    sys.exit(f"error: cannot build {target}: missing {', '.join(missing)}")
+image = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img[^>]*\ssrc=[\"']([^\"']+)[\"']")
+figures = []
+for nb in notebooks:
+    for cell in nbformat.read(nb, as_version=4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for ref in (a or b for a, b in image.findall(cell.source)):
+            if re.match(r"[a-z]+:", ref):
+                continue
+            path = os.path.normpath(ref)
+            if path.startswith("..") or os.path.isabs(path) or not os.path.isfile(path):
+                sys.exit(f"error: {nb} shows the image {ref!r}, which is not a file inside the project; "
+                         "copy it into the project and refer to it by a relative path")
+            figures.append(path)
+if subprocess.run(["bash", "export_html.sh", *notebooks]).returncode != 0:
+    sys.exit(f"error: cannot build {target}: the HTML export failed")
+files = [f for nb in notebooks for f in (nb, nb.replace("_solution.ipynb", "_output.html"))]
+files += ["models.py", *sorted(str(p) for p in Path("models").glob("*.h5")), *figures]
+files = list(dict.fromkeys(files))
+absent = [f for f in files if not Path(f).is_file()]
+if absent:
+    sys.exit(f"error: cannot build {target}: missing {', '.join(absent)}")
+target.parent.mkdir(parents=True, exist_ok=True)
+partial = target.with_name(target.name + ".partial")
+with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+    for f in files:
+        zf.write(f)
+os.replace(partial, target)
+print(f"{target}:", *files, sep="\n  ")
+endef
+export SUBMISSION_PY

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Export notebooks to HTML for the submission: X_solution.ipynb -> X_output.html, next to the notebook.
+#
+#   ./export_html.sh [--execute] [NOTEBOOK.ipynb ...]
+#
+# Without notebook arguments: the three parts, Assignment01_Part{1,2,3}_solution.ipynb; a part not written
+# yet is skipped with a message. By default nothing is re-executed: the HTML shows the outputs saved in the
+# notebook. --execute first runs each notebook top to bottom in the full profile with papermill and, only
+# when that succeeds, replaces the notebook with the executed one.
+#
+# A notebook with a code cell that never ran, with cells run out of order, or with an error output is
+# refused (exit status 1, naming the notebook and the cell), so a broken notebook is never exported.
+# The Python used is $PYTHON, else .venv/bin/python, else python3.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+execute=0
+notebooks=()
+for arg in "$@"; do
+    case "$arg" in
+        --execute) execute=1 ;;
+        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -*) echo "export_html.sh: unknown option $arg" >&2; exit 2 ;;
+        *) notebooks+=("$arg") ;;
+    esac
+done
+if [ ${#notebooks[@]} -eq 0 ]; then
+    for n in 1 2 3; do
+        nb="$ROOT/Assignment01_Part${n}_solution.ipynb"
+        if [ -f "$nb" ]; then notebooks+=("$nb"); else echo "skipping $(basename "$nb"): not written yet"; fi
+    done
+fi
+
+status=0
+if [ "$execute" = 1 ]; then
+    mkdir -p "$ROOT/runs/full"
+    ready=()
+    for nb in "${notebooks[@]}"; do
+        executed="$ROOT/runs/full/$(basename "$nb")"
+        echo "executing $nb in the full profile"
+        if [ -f "$nb" ] && "$PYTHON" -m papermill "$nb" "$executed" -p PROFILE full -k python3 --cwd "$ROOT"; then
+            mv "$executed" "$nb"
+            ready+=("$nb")
+        else
+            echo "error: executing $nb failed; the notebook is left as it was (the failed run: $executed)" >&2
+            status=1
+        fi
+    done
+    notebooks=("${ready[@]}")
+fi
+[ ${#notebooks[@]} -gt 0 ] || exit $status
+
+# Check every notebook, export those that pass (one interpreter for all of them).
+"$PYTHON" - "${notebooks[@]}" <<'PY' || status=1
+import json, os, sys
+from pathlib import Path
+
+
+def problems(path):
+    """One line per code cell that never ran, ran out of order, or shows an error."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    found, last = [], 0
+    for number, cell in enumerate(cells, 1):
+        source = "".join(cell.get("source", ""))
+        if cell["cell_type"] != "code" or not source.strip():
+            continue
+        where = f"cell {number} ({source.strip().splitlines()[0][:60]!r})"
+        count = cell.get("execution_count")
+        if count is None:
+            found.append(f"{where} was not executed")
+        elif count <= last:
+            found.append(f"{where} ran out of order (execution count {count} after {last})")
+        else:
+            last = count
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found.append(f"{where} has an error output: {out.get('ename')}: {out.get('evalue')}")
+    return found
+
+
+status, exporter = 0, None
+for path in map(Path, sys.argv[1:]):
+    if not path.is_file():
+        print(f"error: no notebook {path}", file=sys.stderr)
+        status = 1
+        continue
+    found = problems(path)
+    if found:
+        print(f"refusing to export {path}:", *found, file=sys.stderr, sep="\n  ")
+        print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
+        status = 1
+        continue
+    if exporter is None:
+        import nbformat
+        from nbconvert import HTMLExporter
+        exporter = HTMLExporter()
+    body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
+    html = path.with_name(path.stem.removesuffix("_solution") + "_output.html")
+    partial = html.with_name(html.name + ".partial")
+    partial.write_text(body, encoding="utf-8")
+    os.replace(partial, html)
+    print(f"exported {html}")
+sys.exit(status)
+PY
+exit $status

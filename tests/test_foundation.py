@@ -1,0 +1,298 @@
+"""The foundation: data provisioning, the Animals check, profile isolation, HTML export, the submission zip,
+the README's results table and the CI entry point."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from conftest import REPO_ROOT, animals_dir
+
+NOTEBOOKS = [f"Assignment01_Part{n}_solution.ipynb" for n in (1, 2, 3)]
+FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+PROVISION = REPO_ROOT / "datasets" / "provision_fashion_mnist.sh"
+EXPORT = REPO_ROOT / "export_html.sh"
+
+
+def run(cmd, cwd=REPO_ROOT, env=None, timeout=300):
+    """Run a command; CompletedProcess with text stdout/stderr."""
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --- Fashion-MNIST ---------------------------------------------------------------------------------
+
+OFFLINE_LOAD = """
+import json, socket
+def refuse(*args, **kwargs):
+    raise OSError("network access is disabled in this test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+import tensorflow as tf
+(x, y), (xt, yt) = tf.keras.datasets.fashion_mnist.load_data()
+print(json.dumps({"train": [list(x.shape), str(x.dtype), list(y.shape)],
+                  "test": [list(xt.shape), str(xt.dtype), list(yt.shape)]}))
+"""
+
+
+def load_fashion_mnist_offline(home):
+    """load_data() in a fresh interpreter with HOME=home and every socket connection refused."""
+    unroutable = "http://10.255.255.1:9"
+    env = {"HOME": str(home), "http_proxy": unroutable, "https_proxy": unroutable,
+           "HTTP_PROXY": unroutable, "HTTPS_PROXY": unroutable}
+    env = {k: v for k, v in {**os.environ, **env}.items() if k != "KERAS_HOME"}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_fashion_mnist_shapes(shapes):
+    assert shapes["train"] == [[60000, 28, 28], "uint8", [60000]]
+    assert shapes["test"] == [[10000, 28, 28], "uint8", [10000]]
+
+
+def test_provisioned_fashion_mnist_loads_without_network():
+    proc = run(["bash", str(PROVISION)], env={"KERAS_HOME": ""})
+    assert proc.returncode == 0, proc.stderr
+    cache = Path.home() / ".keras" / "datasets" / "fashion-mnist"
+    assert all((cache / f).stat().st_size > 0 for f in FASHION_FILES)
+    assert_fashion_mnist_shapes(load_fashion_mnist_offline(Path.home()))
+
+
+def test_provisioning_links_the_debian_files_into_an_empty_cache(tmp_path):
+    if run(["dpkg", "-s", "dataset-fashion-mnist"]).returncode != 0:
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed here")
+    env = {"HOME": str(tmp_path), "KERAS_HOME": ""}
+    first = run(["bash", str(PROVISION)], env=env)
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / ".keras" / "datasets" / "fashion-mnist"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(FASHION_FILES)
+    assert all((cache / f).is_symlink() for f in FASHION_FILES)
+    second = run(["bash", str(PROVISION)], env=env)
+    assert second.returncode == 0 and "are in" in second.stdout
+    assert_fashion_mnist_shapes(load_fashion_mnist_offline(tmp_path))
+
+
+def test_provisioning_without_package_or_files_says_what_to_do(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("apt-get", "dpkg", "sudo"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    proc = run(["bash", str(PROVISION)],
+               env={"HOME": str(tmp_path), "KERAS_HOME": "", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode != 0
+    cache = tmp_path / ".keras" / "datasets" / "fashion-mnist"
+    assert str(cache) in proc.stderr
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+    assert "github.com/zalandoresearch/fashion-mnist" in proc.stderr
+    assert all(f in proc.stderr for f in FASHION_FILES)
+
+
+# --- Animals ---------------------------------------------------------------------------------------
+
+def check_animals(path, optional=False):
+    args = ["make", "-s", "--no-print-directory", "animals"] + (["ANIMALS_OPTIONAL=1"] if optional else [])
+    return run(args, env={"ANIMALS_DIR": str(path)})
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty folder", "class folders without images"])
+def test_animals_check_names_the_path_and_the_variable(tmp_path, layout):
+    path = tmp_path / "Animals"
+    if layout != "missing":
+        path.mkdir()
+    if layout == "class folders without images":
+        (path / "cats").mkdir()
+    proc = check_animals(path)
+    assert proc.returncode != 0
+    assert str(path) in proc.stderr and "ANIMALS_DIR" in proc.stderr
+    warned = check_animals(path, optional=True)
+    assert warned.returncode == 0 and "warning" in warned.stderr and str(path) in warned.stderr
+
+
+def test_animals_check_accepts_a_folder_with_images(tmp_path):
+    (tmp_path / "Animals" / "cats").mkdir(parents=True)
+    (tmp_path / "Animals" / "cats" / "cat.0.jpg").write_bytes(b"\xff\xd8")
+    proc = check_animals(tmp_path / "Animals")
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- profile isolation -----------------------------------------------------------------------------
+
+def git_status():
+    return run(["git", "status", "--porcelain", "--untracked-files=all"]).stdout
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_quick_profile_leaves_the_checkout_clean(notebook, tmp_path):
+    """As `make quick` does: the quick profile with its default output folder writes under runs/quick/ only."""
+    if not (REPO_ROOT / notebook).is_file():
+        pytest.skip(f"{notebook} is not written yet")
+    if notebook.endswith("Part3_solution.ipynb") and animals_dir() is None:
+        pytest.skip("Part 3 needs the Animals data (datasets/Animals or ANIMALS_DIR)")
+    before, started = git_status(), time.time()
+    proc = run([sys.executable, "-m", "papermill", notebook, str(tmp_path / notebook), "-p", "PROFILE", "quick",
+                "-k", "python3", "--cwd", str(REPO_ROOT)], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert git_status() == before
+    part = notebook.split("_")[1].lower()
+    result = REPO_ROOT / "runs" / "quick" / "results" / f"{part}.json"
+    assert result.is_file() and result.stat().st_mtime >= started
+
+
+# --- HTML export -----------------------------------------------------------------------------------
+
+def notebook(path, cells):
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                      "display_name": "Python 3"}}), path)
+    return path
+
+
+def executed(source, count, outputs=()):
+    return new_code_cell(source, execution_count=count, outputs=list(outputs))
+
+
+def export(*args):
+    return run(["bash", str(EXPORT), *map(str, args)], env={"PYTHON": sys.executable})
+
+
+def test_export_refuses_a_notebook_with_an_unexecuted_cell(tmp_path):
+    nb = notebook(tmp_path / "Unrun_solution.ipynb",
+                  [new_markdown_cell("# t"), executed("x = 1", 1), new_code_cell("y = x + 1")])
+    proc = export(nb)
+    assert proc.returncode != 0
+    assert str(nb) in proc.stderr and "cell 3" in proc.stderr and "not executed" in proc.stderr
+    assert not (tmp_path / "Unrun_output.html").exists()
+
+
+def test_export_refuses_a_notebook_with_an_error_output(tmp_path):
+    error = new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])
+    nb = notebook(tmp_path / "Failed_solution.ipynb", [executed("x = 1", 1), executed("1 / 0", 2, [error])])
+    proc = export(nb)
+    assert proc.returncode != 0
+    assert str(nb) in proc.stderr and "cell 2" in proc.stderr and "ZeroDivisionError" in proc.stderr
+    assert not (tmp_path / "Failed_output.html").exists()
+
+
+def test_export_refuses_cells_run_out_of_order(tmp_path):
+    nb = notebook(tmp_path / "Shuffled_solution.ipynb", [executed("x = 1", 2), executed("y = 2", 1)])
+    proc = export(nb)
+    assert proc.returncode != 0 and "cell 2" in proc.stderr and "out of order" in proc.stderr
+
+
+def test_export_converts_a_clean_notebook(tmp_path):
+    shown = new_output("stream", name="stdout", text="forty-two\n")
+    nb = notebook(tmp_path / "Clean_solution.ipynb",
+                  [new_markdown_cell("# Clean"), executed("print('forty-two')", 1, [shown]), new_code_cell("")])
+    proc = export(nb)
+    assert proc.returncode == 0, proc.stderr
+    assert "forty-two" in (tmp_path / "Clean_output.html").read_text()
+
+
+def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
+    params = new_code_cell('PROFILE = "quick"', metadata={"tags": ["parameters"]})
+    nb = notebook(tmp_path / "Fresh_solution.ipynb", [params, new_code_cell("print('profile', PROFILE)")])
+    proc = export("--execute", nb)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = nbformat.read(nb, as_version=4).cells
+    assert all(c.execution_count for c in cells if c.cell_type == "code")
+    assert "profile full" in (tmp_path / "Fresh_output.html").read_text()
+
+
+# --- submission zip --------------------------------------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the project's commands with three small executed notebooks, models.py, a model and a figure."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("Makefile", "export_html.sh", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy2(REPO_ROOT / name, root / name)
+    (root / ".venv").symlink_to(Path(sys.prefix))
+    (root / "student.json").write_text(json.dumps({"student_id": 424242}))
+    (root / "models.py").write_text("VALUE = 1\n")
+    (root / "models").mkdir()
+    (root / "models" / ".gitkeep").write_text("")
+    (root / "models" / "Part3_Sec3_4_best.h5").write_bytes(b"model")
+    (root / "figures").mkdir()
+    (root / "figures" / "network.png").write_bytes(b"png")
+    for n in (1, 2, 3):
+        notebook(root / f"Assignment01_Part{n}_solution.ipynb",
+                 [new_markdown_cell(f"# Part {n}\n![network](figures/network.png) "
+                                    "![remote](https://example.org/a.png)"),
+                  executed(f"part = {n}", 1)])
+    return root
+
+
+def make_submission(root, *args):
+    return run(["make", "-s", "--no-print-directory", "submission", *args], cwd=root)
+
+
+def test_submission_zip_holds_what_the_assignment_asks_for(project, tmp_path):
+    proc = make_submission(project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    archive = project / "424242_assignment01_solution.zip"
+    expected = {f"Assignment01_Part{n}_{kind}" for n in (1, 2, 3) for kind in ("solution.ipynb", "output.html")}
+    expected |= {"models.py", "models/Part3_Sec3_4_best.h5", "figures/network.png"}
+    with zipfile.ZipFile(archive) as zf:
+        assert set(zf.namelist()) == expected
+        zf.extractall(tmp_path / "unzipped")
+    for name in expected:
+        assert (tmp_path / "unzipped" / name).read_bytes() == (project / name).read_bytes()
+
+
+def test_submission_refuses_a_non_numeric_student_id(project):
+    proc = make_submission(project, "STUDENT_ID=s1234")
+    assert proc.returncode != 0 and "STUDENT_ID" in proc.stderr and "s1234" in proc.stderr
+    assert not list(project.glob("*.zip"))
+
+
+def test_submission_refuses_a_missing_part(project):
+    (project / "Assignment01_Part3_solution.ipynb").unlink()
+    proc = make_submission(project, "STUDENT_ID=12345")
+    assert proc.returncode != 0 and "Assignment01_Part3_solution.ipynb" in proc.stderr
+    assert not list(project.glob("*.zip"))
+
+
+def test_submission_refuses_an_image_outside_the_project(project):
+    nb = project / "Assignment01_Part1_solution.ipynb"
+    notebook(nb, [new_markdown_cell("![net](../shared/net.png)"), executed("x = 1", 1)])
+    proc = make_submission(project, "STUDENT_ID=12345")
+    assert proc.returncode != 0 and "../shared/net.png" in proc.stderr
+    assert not list(project.glob("*.zip"))
+
+
+# --- README results table and CI --------------------------------------------------------------------
+
+def test_results_table_is_rendered_from_the_json_files(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\n"
+                      "<!-- benchmark:start -->\nkept 1.23x\n<!-- benchmark:end -->\n")
+    (tmp_path / "part1.json").write_text(json.dumps({"q1_2": {"ce_loss": 1.234567}}))
+    (tmp_path / "part2.json").write_text("{not json")
+    (tmp_path / "part3.json").write_text(json.dumps({"attacks": {"clean": 0.7, "fgsm": 0.1, "pgd": 0.0,
+                                                                 "mim": 0.01}}))
+    script = [sys.executable, str(REPO_ROOT / "results" / "render_readme.py"), "--readme", str(readme),
+              "--results", str(tmp_path)]
+    assert run(script).returncode == 0
+    text = readme.read_text()
+    assert "old" not in text and "| 1.2346 |" in text and "0.7000 / 0.1000 / 0.0000 / 0.0100" in text
+    assert "| 2 | 2.4 baseline 784-20-40-10, test accuracy | not yet run |" in text
+    assert "kept 1.23x" in text
+    assert run(script).returncode == 0 and readme.read_text() == text
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert ci[0] == "#!/usr/bin/env bash" and "set -euo pipefail" in ci
+    assert ci[-1] == "make test" and "\nmake test " in readme
