@@ -1,0 +1,797 @@
+"""The Animals CNN study of FIT3181 Assignment 1 (2022), Part 3, in TensorFlow 2 / Keras 3.
+
+Reads top to bottom:
+
+1. Data: ``SimplePreprocessor``, ``create_label_folder_dict``, ``AnimalsDatasetManager``.
+2. The course baseline: ``DefaultModel``.
+3. ``YourModel``: blocks with batch norm, skip connection and dropout, augmentation, early stopping,
+   and the training regularizers of Questions 3.7, 3.9 and 3.10 (mixup, PGD adversarial training,
+   SAM), all run by one ``keras.Model.train_step`` override (``RegularizedTrainer``).
+4. Attacks (Question 3.8): ``fgsm_attack``, ``pgd_attack``, ``mim_attack``, ``robust_accuracy``.
+5. Experiment cache: ``cached_fit`` trains once and reuses the saved model and history afterwards.
+
+Conventions: images are float32 arrays of shape (N, H, W, C) with pixels in [-1, 1], RGB;
+labels are integer class indices of shape (N,); every network maps images to class
+probabilities (softmax output), so attacks use the cross-entropy ``-log p[y]``.
+"""
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import time
+import warnings
+import weakref
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from tensorflow import keras
+from tensorflow.keras import layers
+
+SEED = 1234
+"""The default seed of weight initialisation, shuffling, augmentation and mixup."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data
+# --------------------------------------------------------------------------------------------------
+class SimplePreprocessor:
+    """Resizes an image to (height, width) and converts OpenCV's BGR channel order to RGB."""
+
+    def __init__(self, width, height, inter=cv2.INTER_AREA):
+        self.width = width
+        self.height = height
+        self.inter = inter
+
+    def preprocess(self, image):
+        """(H0, W0, 3) uint8 BGR -> (height, width, 3) uint8 RGB."""
+        resized = cv2.resize(image, (self.width, self.height), interpolation=self.inter)
+        return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+
+
+def create_label_folder_dict(adir):
+    """``{class_name: absolute_folder}`` for every sub-folder of ``adir``, in sorted order."""
+    if not os.path.isdir(adir):
+        raise FileNotFoundError(
+            f"Dataset folder not found: {os.path.abspath(adir)!r}. Put the Animals images there "
+            "(one sub-folder per class) or set the environment variable ANIMALS_DIR."
+        )
+    sub_folders = sorted(f for f in os.listdir(adir) if os.path.isdir(os.path.join(adir, f)))
+    if not sub_folders:
+        raise FileNotFoundError(f"Dataset folder {os.path.abspath(adir)!r} has no class sub-folders.")
+    return {folder: os.path.abspath(os.path.join(adir, folder)) for folder in sub_folders}
+
+
+class AnimalsDatasetManager:
+    """Loads the Animals images, scales them to [-1, 1] and splits them into train/valid/test."""
+
+    def __init__(self, preprocessors=None, random_state=6789):
+        self.preprocessors = list(preprocessors or [])
+        self.random_state = np.random.RandomState(random_state)
+        self.data, self.labels, self.classes = None, None, None
+
+    def load(self, label_folder_dict, max_num_images=500, verbose=-1):
+        """Reads the first ``max_num_images`` readable images of each class (files sorted by name).
+
+        Prints ``"<class> <number of files>"`` per class and ``"Processed i/max"`` every ``verbose``
+        images. Unreadable files are skipped with one warning that counts them. Raises
+        ``FileNotFoundError`` for a missing class folder or one without images.
+        """
+        images, labels, skipped = [], [], []
+        for label in sorted(label_folder_dict):
+            folder = label_folder_dict[label]
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"Class folder not found: {folder!r} (class {label!r}).")
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                raise FileNotFoundError(f"Class folder {folder!r} (class {label!r}) has no images.")
+            print(label, len(files))
+            count = 0
+            for file in files:
+                if count >= max_num_images:
+                    break
+                image = cv2.imread(os.path.join(folder, file))
+                if image is None:
+                    skipped.append(os.path.join(folder, file))
+                    continue
+                for preprocessor in self.preprocessors:
+                    image = preprocessor.preprocess(image)
+                images.append(image)
+                labels.append(label)
+                count += 1
+                if verbose > 0 and count % verbose == 0:
+                    print(f"Processed {count}/{max_num_images}")
+        if skipped:
+            warnings.warn(f"Skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]!r}.")
+        self.data = np.array(images)
+        self.labels = np.array(labels)
+        return self.data, self.labels
+
+    def process_data_label(self):
+        """Encodes labels as integers (classes sorted) and scales pixels to float32 in [-1, 1]."""
+        encoder = LabelEncoder()
+        self.labels = encoder.fit_transform(self.labels)
+        self.classes = encoder.classes_
+        self.data = self.data.astype(np.float32) / 127.5 - 1.0
+
+    def train_valid_test_split(self, train_size=0.8, test_size=0.1, rand_seed=33):
+        """Seeded split, the course's arithmetic: test first, then valid out of the rest."""
+        valid_size = 1 - (train_size + test_size)
+        X_rest, self.X_test, y_rest, self.y_test = train_test_split(
+            self.data, self.labels, test_size=test_size, random_state=rand_seed)
+        self.X_train, self.X_valid, self.y_train, self.y_valid = train_test_split(
+            X_rest, y_rest, test_size=valid_size / (valid_size + train_size), random_state=rand_seed)
+
+    def next_batch(self, batch_size=32):
+        """A random training batch: (batch_size, H, W, C) images and (batch_size,) labels."""
+        idx = self.random_state.choice(len(self.X_train), batch_size, replace=False)
+        return self.X_train[idx], self.y_train[idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The course baseline
+# --------------------------------------------------------------------------------------------------
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "nadam": keras.optimizers.Nadam,
+    "adagrad": keras.optimizers.Adagrad,
+    "rmsprop": keras.optimizers.RMSprop,
+    "adadelta": keras.optimizers.Adadelta,
+    "sgd": keras.optimizers.SGD,
+}
+
+
+def to_display(images):
+    """Images in [-1, 1] -> [0, 1] for ``plt.imshow``."""
+    return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
+
+
+class DefaultModel:
+    """The course's baseline CNN and the training/evaluation methods every model shares.
+
+    ``self.model`` is a plain Keras model mapping (N, height, width, depth) images in [-1, 1] to
+    (N, num_classes) softmax probabilities; it saves to ``.h5`` and loads with
+    ``keras.models.load_model(path, compile=False)``.
+    """
+
+    def __init__(self, name='network1', width=32, height=32, depth=3, num_blocks=2, feature_maps=32,
+                 num_classes=4, drop_rate=0.2, batch_norm=None, is_augmentation=False,
+                 activation_func='relu', use_skip=True, optimizer='adam', batch_size=10,
+                 num_epochs=20, learning_rate=0.0001, verbose=True, *, seed=SEED):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {optimizer!r}; allowed: {sorted(OPTIMIZERS)}.")
+        try:
+            keras.activations.get(activation_func)
+        except ValueError:
+            raise ValueError(f"Unknown activation {activation_func!r}; use a Keras activation name "
+                             "such as 'relu', 'elu', 'tanh', 'sigmoid'.") from None
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate={drop_rate!r} must be in [0, 1).")
+        if not isinstance(num_blocks, int) or num_blocks < 1 or 2 ** num_blocks > min(width, height):
+            raise ValueError(f"num_blocks={num_blocks!r} must be an integer in "
+                             f"[1, {int(np.log2(min(width, height)))}] for {width}x{height} images "
+                             "(each block halves the image).")
+        self.name = name
+        self.width, self.height, self.depth = width, height, depth
+        self.num_blocks = num_blocks
+        self.feature_maps = feature_maps
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.batch_norm = batch_norm
+        self.is_augmentation = is_augmentation
+        self.activation_func = activation_func
+        self.use_skip = use_skip
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.num_epochs = num_epochs
+        self.learning_rate = learning_rate
+        self.verbose = verbose
+        self.seed = seed
+        self.model = None
+        self.history = None
+        self.best_epoch = None
+
+    def build_cnn(self):
+        """conv32-conv32-avgpool-conv64-conv64-avgpool-flatten-dense softmax (106,538 parameters
+        for 32x32x3 inputs and 10 classes)."""
+        keras.utils.set_random_seed(self.seed)
+        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding='same', activation=self.activation_func)
+        self.model = keras.Sequential([
+            keras.Input(shape=(self.height, self.width, self.depth)),
+            layers.Conv2D(32, **conv),
+            layers.Conv2D(32, **conv),
+            layers.AveragePooling2D(pool_size=(2, 2), padding='same'),
+            layers.Conv2D(64, **conv),
+            layers.Conv2D(64, **conv),
+            layers.AveragePooling2D(pool_size=(2, 2), padding='same'),
+            layers.Flatten(),
+            layers.Dense(self.num_classes, activation='softmax'),
+        ], name=self.name)
+        return self.model
+
+    def summary(self):
+        self._require_model()
+        self.model.summary()
+
+    def _require_model(self):
+        if self.model is None:
+            raise RuntimeError("Call build_cnn() (or load()) first.")
+
+    # ---- training -----------------------------------------------------------------------------
+    def _make_optimizer(self, total_steps):
+        """The optimizer named in the constructor; ``total_steps`` is for learning-rate schedules."""
+        return OPTIMIZERS[self.optimizer](learning_rate=self.learning_rate)
+
+    def _trainer(self):
+        """The Keras model that ``fit`` trains; its weights are ``self.model``'s."""
+        return self.model
+
+    def _train_dataset(self, X, y, batch_size):
+        """A shuffled, batched ``tf.data.Dataset`` of (images, one-hot labels)."""
+        onehot = keras.utils.to_categorical(y, self.num_classes).astype(np.float32)
+        return (tf.data.Dataset.from_tensor_slices((X, onehot))
+                .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
+                .batch(batch_size)
+                .prefetch(tf.data.AUTOTUNE))
+
+    def _callbacks(self, data_manager, num_epochs):
+        return []
+
+    def fit(self, data_manager, batch_size=None, num_epochs=None):
+        """Trains on ``data_manager.X_train`` and validates on ``X_valid`` after every epoch.
+
+        Returns and keeps ``self.history``: a dict of per-epoch lists (``loss``, ``accuracy``,
+        ``val_loss``, ``val_accuracy`` and whatever the subclass adds). ``self.best_epoch`` is the
+        1-based epoch whose weights were kept when an ``EarlyStopping`` callback ran, else None.
+        """
+        self._require_model()
+        batch_size = batch_size or self.batch_size
+        num_epochs = num_epochs or self.num_epochs
+        keras.utils.set_random_seed(self.seed)
+        total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
+        callbacks = self._callbacks(data_manager, num_epochs)
+        trainer = self._trainer()
+        trainer.compile(optimizer=self._make_optimizer(total_steps),
+                        loss=keras.losses.CategoricalCrossentropy(),
+                        metrics=[keras.metrics.CategoricalAccuracy(name='accuracy')])
+        history = trainer.fit(
+            self._train_dataset(data_manager.X_train, data_manager.y_train, batch_size),
+            validation_data=(data_manager.X_valid, keras.utils.to_categorical(
+                data_manager.y_valid, self.num_classes).astype(np.float32)),
+            epochs=num_epochs,
+            shuffle=False,  # the dataset reshuffles itself every epoch
+            verbose=1 if self.verbose else 0,
+            callbacks=callbacks,
+        )
+        self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+        self.best_epoch = next((cb.best_epoch + 1 for cb in callbacks
+                                if isinstance(cb, keras.callbacks.EarlyStopping)), None)
+        return self.history
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def predict(self, X, batch_size=256):
+        """(N, H, W, C) images in [-1, 1] -> (N,) integer labels."""
+        self._require_model()
+        return np.concatenate([np.argmax(self.model(X[i:i + batch_size], training=False), axis=1)
+                               for i in range(0, len(X), batch_size)])
+
+    def compute_accuracy(self, X, y, batch_size=64):
+        """Fraction of ``X`` whose predicted label equals ``y``."""
+        accuracy = float(np.mean(self.predict(X, batch_size=batch_size) == np.asarray(y)))
+        if self.verbose:
+            print(f"{len(X)} images - accuracy: {accuracy:.4f}")
+        return accuracy
+
+    def plot_progress(self):
+        """Accuracy and loss per epoch, train and validation."""
+        if not self.history:
+            raise RuntimeError("No history: call fit() first.")
+        epochs = np.arange(1, len(self.history['loss']) + 1)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for ax, metric in zip(axes, ['accuracy', 'loss']):
+            ax.plot(epochs, self.history[metric], label=f'train {metric}')
+            ax.plot(epochs, self.history[f'val_{metric}'], label=f'valid {metric}')
+            ax.set_xlabel('epoch')
+            ax.set_title(f'{self.name}: {metric}')
+            ax.legend()
+        plt.tight_layout()
+        plt.show()
+
+    def plot_prediction(self, X, y, classes, tile_shape=(5, 5), seed=SEED):
+        """A grid of random images titled with prediction and truth (red where wrong)."""
+        rows, cols = tile_shape
+        idx = np.random.RandomState(seed).choice(len(X), rows * cols, replace=False)
+        predictions = self.predict(X[idx])
+        fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows))
+        for ax, i, pred in zip(axes.ravel(), idx, predictions):
+            ax.imshow(to_display(X[i]))
+            ax.set_title(f"pred: {classes[pred]}\ntrue: {classes[y[i]]}", fontsize=8,
+                         color='black' if pred == y[i] else 'red')
+            ax.axis('off')
+        plt.tight_layout()
+        plt.show()
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path):
+        """Writes ``self.model`` to ``path`` (``.h5``) atomically: temporary file, then rename."""
+        self._require_model()
+        atomic_save_model(self.model, path)
+
+    def load(self, path):
+        """Loads a model saved by ``save`` (or any ``.h5`` Keras model) into ``self.model``."""
+        self.model = keras.models.load_model(path, compile=False)
+        return self.model
+
+
+def atomic_save_model(model, path):
+    """``model.save(path)`` through a temporary file in the same folder, then ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.h5', dir=folder)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. YourModel
+# --------------------------------------------------------------------------------------------------
+def build_augmenter(seed=SEED):
+    """Random flips, shifts, rotations and zooms, applied to training batches only.
+
+    Keras preprocessing layers rather than ``ImageDataGenerator``: they run inside the ``tf.data``
+    pipeline on whole batches (fast, seeded, no Python generator) and, kept outside the network,
+    leave the saved ``.h5`` model a plain classifier. Maps (N, H, W, C) in [-1, 1] to the same.
+    """
+    return keras.Sequential([
+        layers.RandomFlip('horizontal', seed=seed),
+        layers.RandomTranslation(0.1, 0.1, fill_mode='reflect', seed=seed + 1),
+        layers.RandomRotation(0.05, fill_mode='reflect', seed=seed + 2),
+        layers.RandomZoom(0.1, fill_mode='reflect', seed=seed + 3),
+    ], name='augmenter')
+
+
+class YourModel(DefaultModel):
+    """Blocks of [conv, BN, act, conv, BN, (+ skip), act, average pool, dropout], then a softmax head.
+
+    Block ``i`` (0-based) has ``feature_maps * 2**i`` maps; the skip connection adds the first
+    conv's output to the second BN's output (``one_block.png``). ``batch_norm=None``/``False``
+    leaves out the BN layers, ``drop_rate=0`` the dropout.
+
+    Keyword-only options (0 or None means off), composable with each other, with augmentation and
+    with early stopping; all run through ``RegularizedTrainer.train_step`` while ``self.model``
+    stays a plain functional model:
+
+    - ``patience``: stop when ``val_accuracy`` has not increased for this many epochs and restore
+      the best epoch's weights (``keras.callbacks.EarlyStopping``); defaults to 3 with augmentation.
+    - ``mixup_alpha``: mixup (Zhang et al. 2018) with lambda ~ Beta(alpha, alpha) per batch.
+    - ``adv_eps``, ``adv_k``, ``adv_eta``: PGD adversarial training (Madry et al. 2018).
+      Batches are fully adversarial, as in Madry et al.: the min-max objective trains on the
+      worst case in the eps ball only; mixing in clean examples trades robustness for clean
+      accuracy, which Question 3.9 does not ask for. The PGD validation accuracy is recorded per
+      epoch (``val_pgd_accuracy``) and the most robust epoch is the one kept.
+    - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho.
+    - ``weight_decay``: decoupled weight decay of the optimizer; ``lr_schedule='cosine'``: cosine
+      decay of the learning rate to 0 over ``num_epochs``.
+    """
+
+    def __init__(self, name='network1', width=32, height=32, depth=3, num_blocks=2, feature_maps=32,
+                 num_classes=4, drop_rate=0.2, batch_norm=None, is_augmentation=False,
+                 activation_func='relu', use_skip=True, optimizer='adam', batch_size=10,
+                 num_epochs=20, learning_rate=0.0001, verbose=True, *, seed=SEED, patience=None,
+                 mixup_alpha=0.0, adv_eps=0.0, adv_k=10, adv_eta=0.002, sam_rho=0.0,
+                 weight_decay=0.0, lr_schedule=None):
+        super().__init__(name, width, height, depth, num_blocks, feature_maps, num_classes, drop_rate,
+                         batch_norm, is_augmentation, activation_func, use_skip, optimizer, batch_size,
+                         num_epochs, learning_rate, verbose, seed=seed)
+        for option, value in [('mixup_alpha', mixup_alpha), ('adv_eps', adv_eps),
+                              ('sam_rho', sam_rho), ('weight_decay', weight_decay)]:
+            if value is not None and value < 0:
+                raise ValueError(f"{option}={value!r} must be >= 0 (0 or None turns it off).")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience={patience!r} must be a positive integer or None.")
+        if lr_schedule not in (None, 'cosine'):
+            raise ValueError(f"lr_schedule={lr_schedule!r}; allowed: None, 'cosine'.")
+        self.patience = patience if patience is not None else (3 if is_augmentation else None)
+        self.mixup_alpha = mixup_alpha or 0.0
+        self.adv_eps = adv_eps or 0.0
+        self.adv_k = adv_k
+        self.adv_eta = adv_eta
+        self.sam_rho = sam_rho or 0.0
+        self.weight_decay = weight_decay or 0.0
+        self.lr_schedule = lr_schedule
+
+    def build_cnn(self):
+        keras.utils.set_random_seed(self.seed)
+        inputs = keras.Input(shape=(self.height, self.width, self.depth), name='images')
+        x = inputs
+        for i in range(self.num_blocks):
+            x = self._block(x, self.feature_maps * 2 ** i, f'block{i + 1}')
+        x = layers.Flatten(name='flatten')(x)
+        logits = layers.Dense(self.num_classes, name='logits')(x)
+        outputs = layers.Activation('softmax', name='probabilities')(logits)
+        self.model = keras.Model(inputs, outputs, name=self.name)
+        return self.model
+
+    def _block(self, x, maps, prefix):
+        """One block: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), maps)."""
+        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding='same')
+        first = layers.Conv2D(maps, name=f'{prefix}_conv1', **conv)(x)
+        x = self._batch_norm(first, f'{prefix}_bn1')
+        x = layers.Activation(self.activation_func, name=f'{prefix}_act1')(x)
+        x = layers.Conv2D(maps, name=f'{prefix}_conv2', **conv)(x)
+        x = self._batch_norm(x, f'{prefix}_bn2')
+        if self.use_skip:
+            x = layers.Add(name=f'{prefix}_skip')([x, first])
+        x = layers.Activation(self.activation_func, name=f'{prefix}_act2')(x)
+        x = layers.AveragePooling2D(pool_size=(2, 2), strides=(2, 2), padding='same',
+                                    name=f'{prefix}_pool')(x)
+        if self.drop_rate > 0:
+            x = layers.Dropout(self.drop_rate, name=f'{prefix}_dropout')(x)
+        return x
+
+    def _batch_norm(self, x, name):
+        # momentum 0.9 (PyTorch's default) lets the moving statistics follow the weights
+        # within an epoch of ~60 steps; Keras's 0.99 lags about two epochs behind.
+        return layers.BatchNormalization(momentum=0.9, name=name)(x) if self.batch_norm else x
+
+    def get_config(self):
+        """Everything that determines what ``fit`` produces (for the experiment cache)."""
+        keys = ['width', 'height', 'depth', 'num_blocks', 'feature_maps', 'num_classes', 'drop_rate',
+                'batch_norm', 'is_augmentation', 'activation_func', 'use_skip', 'optimizer',
+                'batch_size', 'num_epochs', 'learning_rate', 'seed', 'patience', 'mixup_alpha',
+                'adv_eps', 'adv_k', 'adv_eta', 'sam_rho', 'weight_decay', 'lr_schedule']
+        return {k: getattr(self, k) for k in keys}
+
+    def _make_optimizer(self, total_steps):
+        learning_rate = self.learning_rate
+        if self.lr_schedule == 'cosine':
+            learning_rate = keras.optimizers.schedules.CosineDecay(self.learning_rate, total_steps)
+        kwargs = {'weight_decay': self.weight_decay} if self.weight_decay else {}
+        return OPTIMIZERS[self.optimizer](learning_rate=learning_rate, **kwargs)
+
+    def _trainer(self):
+        if not (self.mixup_alpha or self.adv_eps or self.sam_rho):
+            return self.model
+        return RegularizedTrainer(self.model, mixup_alpha=self.mixup_alpha, adv_eps=self.adv_eps,
+                                  adv_k=self.adv_k, adv_eta=self.adv_eta, sam_rho=self.sam_rho)
+
+    def _train_dataset(self, X, y, batch_size):
+        dataset = super()._train_dataset(X, y, batch_size)
+        if self.is_augmentation:
+            augmenter = build_augmenter(self.seed)
+            dataset = dataset.map(lambda images, labels: (augmenter(images, training=True), labels),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset
+
+    def _callbacks(self, data_manager, num_epochs):
+        callbacks = []
+        if self.adv_eps:
+            callbacks.append(RobustValidation(data_manager.X_valid, data_manager.y_valid,
+                                              eps=self.adv_eps, k=self.adv_k, eta=self.adv_eta))
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor='val_pgd_accuracy', mode='max', patience=self.patience or num_epochs,
+                restore_best_weights=True, verbose=int(self.verbose)))
+        elif self.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor='val_accuracy', mode='max', patience=self.patience,
+                restore_best_weights=True, verbose=int(self.verbose)))
+        return callbacks
+
+
+def mixup_batch(x, y, lam, permutation):
+    """Mixup of a batch with a permutation of itself (Zhang et al. 2018).
+
+    x: (N, H, W, C) images, y: (N, K) one-hot or soft labels, lam: scalar in [0, 1],
+    permutation: (N,) int indices. Returns lam * x + (1 - lam) * x[perm] and the same for y.
+    """
+    lam = tf.cast(lam, x.dtype)
+    x_mixed = lam * x + (1.0 - lam) * tf.gather(x, permutation)
+    y_mixed = lam * y + (1.0 - lam) * tf.gather(y, permutation)
+    return x_mixed, y_mixed
+
+
+def sample_beta(alpha):
+    """One draw of lambda ~ Beta(alpha, alpha), as the ratio of two Gamma(alpha) draws."""
+    a = tf.random.gamma([], alpha)
+    b = tf.random.gamma([], alpha)
+    return a / (a + b)
+
+
+class RegularizedTrainer(keras.Model):
+    """Trains a plain network ``net`` with mixup, PGD adversarial examples and/or SAM.
+
+    A thin ``keras.Model`` around ``net`` whose only change is ``train_step`` ("customizing
+    what happens in fit()"): ``call`` is ``net``'s, the weights are ``net``'s, validation is the
+    default ``test_step`` on clean data, and ``net`` itself is saved. Per training batch, in
+    this order: mixup, then PGD on the (mixed) batch, then one SAM or plain gradient step.
+    """
+
+    def __init__(self, net, mixup_alpha=0.0, adv_eps=0.0, adv_k=10, adv_eta=0.002, sam_rho=0.0):
+        super().__init__(name=f'{net.name}_trainer')
+        self.net = net
+        self.mixup_alpha = float(mixup_alpha)
+        self.adv_eps = float(adv_eps)
+        self.adv_k = int(adv_k)
+        self.adv_eta = float(adv_eta)
+        self.sam_rho = float(sam_rho)
+        self.logits = logits_model(net)
+
+    def call(self, x, training=False):
+        return self.net(x, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        if self.mixup_alpha:
+            lam = sample_beta(self.mixup_alpha)
+            x, y = mixup_batch(x, y, lam, tf.random.shuffle(tf.range(tf.shape(x)[0])))
+        if self.adv_eps:
+            start = x + tf.random.uniform(tf.shape(x), -self.adv_eps, self.adv_eps)
+            x = pgd_loop(self.logits, x, y, tf.clip_by_value(start, -1.0, 1.0),
+                         self.adv_eps, self.adv_eta, self.adv_k)
+        if self.sam_rho:
+            loss, y_pred, grads = self._sam_gradients(x, y)
+        else:
+            loss, y_pred, grads = self._gradients(x, y)
+        self.optimizer.apply(grads, self.trainable_variables)
+        for metric in self.metrics:
+            if metric.name == 'loss':
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _gradients(self, x, y):
+        """Loss, predictions and gradients of the batch at the current weights."""
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        return loss, y_pred, tape.gradient(loss, self.trainable_variables)
+
+    def _sam_gradients(self, x, y):
+        """SAM (Foret et al. 2021, Algorithm 1): gradient g at w, ascent to w + rho g / ||g||,
+        gradient there, back to w. The loss and predictions reported are those at w.
+
+        Batch norm: both passes normalise with the batch's statistics (training mode), but only
+        the first pass may update the moving mean and variance; the perturbed pass's update is
+        undone, so the running statistics describe the weights w that are kept.
+        """
+        loss, y_pred, grads = self._gradients(x, y)
+        variables = self.trainable_variables
+        norm = tf.linalg.global_norm(grads) + 1e-12
+        steps = [self.sam_rho * g / norm for g in grads]
+        moving = [tf.identity(v) for v in self.net.non_trainable_variables]
+        for v, e in zip(variables, steps):
+            v.assign_add(e)
+        _, _, sharp_grads = self._gradients(x, y)
+        for v, e in zip(variables, steps):
+            v.assign_sub(e)
+        for v, value in zip(self.net.non_trainable_variables, moving):
+            v.assign(value)
+        return loss, y_pred, sharp_grads
+
+
+class RobustValidation(keras.callbacks.Callback):
+    """Adds ``val_pgd_accuracy`` (PGD-k accuracy on the validation set) to each epoch's logs."""
+
+    def __init__(self, X_valid, y_valid, eps, k, eta, batch_size=500):
+        super().__init__()
+        self.X_valid, self.y_valid = X_valid, y_valid
+        self.attack_kwargs = dict(eps=eps, k=k, eta=eta)
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        net = getattr(self.model, 'net', self.model)
+        accuracy = robust_accuracy(net, self.X_valid, self.y_valid, pgd_attack,
+                                   batch_size=self.batch_size, **self.attack_kwargs)
+        if logs is not None:
+            logs['val_pgd_accuracy'] = accuracy
+        if self.params.get('verbose'):
+            print(f" - val_pgd_accuracy: {accuracy:.4f}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Attacks: untargeted, L-infinity, on the cross-entropy of the true label
+# --------------------------------------------------------------------------------------------------
+CLIP_MIN, CLIP_MAX = -1.0, 1.0
+
+
+def logits_model(model):
+    """A callable (N, H, W, C) -> (N, K) logits for a model whose last layer applies softmax.
+
+    Attacks differentiate the cross-entropy through the logits, not through the probabilities:
+    a confident softmax saturates at 1.0 in float32 and its gradient vanishes, which would make
+    an undefended model look robust (gradient masking). Falls back to log-probabilities when the
+    last layer is not a softmax (then log_softmax(log p) = log p, the same loss).
+    """
+    last = model.layers[-1]
+    body = keras.Model(model.input, last.input)
+    if isinstance(last, layers.Activation) and last.activation is keras.activations.softmax:
+        return body
+    if isinstance(last, layers.Dense) and last.activation is keras.activations.softmax:
+        return lambda x, training=False: tf.matmul(body(x, training=training), last.kernel) + last.bias
+    return lambda x, training=False: tf.math.log(tf.maximum(model(x, training=training), 1e-30))
+
+
+def input_gradient(logits_fn, x, y):
+    """Gradient of the summed cross-entropy w.r.t. x; y: (N, K) one-hot or soft labels.
+    Batch norm and dropout run in inference mode."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=logits_fn(x, training=False))
+    return tape.gradient(loss, x)
+
+
+def project(x_adv, x, eps):
+    """Projection onto the L-infinity ball of radius eps around x and onto [CLIP_MIN, CLIP_MAX]."""
+    return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), CLIP_MIN, CLIP_MAX)
+
+
+def pgd_loop(logits_fn, x, y, x_start, eps, eta, k):
+    """k steps x <- Proj(x + eta * sign(grad)) from x_start (Madry et al. 2018); y one-hot."""
+    def step(i, x_adv):
+        return i + 1, project(x_adv + eta * tf.sign(input_gradient(logits_fn, x_adv, y)), x, eps)
+    _, x_adv = tf.while_loop(lambda i, _: i < k, step, (tf.constant(0), project(x_start, x, eps)))
+    return tf.stop_gradient(x_adv)
+
+
+def mim_loop(logits_fn, x, y, eps, eta, k, decay):
+    """MI-FGSM (Dong et al. 2018): momentum g <- decay * g + grad / ||grad||_1 (per image),
+    then x <- Proj(x + eta * sign(g)); k steps from x; y one-hot."""
+    def step(i, x_adv, momentum):
+        grad = input_gradient(logits_fn, x_adv, y)
+        l1 = tf.reduce_mean(tf.abs(grad), axis=[1, 2, 3], keepdims=True)
+        momentum = decay * momentum + grad / tf.maximum(l1, 1e-12)
+        return i + 1, project(x_adv + eta * tf.sign(momentum), x, eps), momentum
+    _, x_adv, _ = tf.while_loop(lambda i, *_: i < k, step, (tf.constant(0), x, tf.zeros_like(x)))
+    return tf.stop_gradient(x_adv)
+
+
+_COMPILED_ATTACKS = weakref.WeakKeyDictionary()
+
+
+def _compiled(model):
+    """The attacks compiled once per model (``tf.function`` with a fixed input signature, so
+    batches of any size, eps, eta and k reuse one graph)."""
+    if model not in _COMPILED_ATTACKS:
+        logits_fn = logits_model(model)
+        images = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+        labels = tf.TensorSpec([None], tf.int32)
+        scalar, count = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)
+        num_classes = model.output_shape[-1]
+
+        @tf.function(input_signature=[images, labels, scalar])
+        def fgsm(x, y, eps):
+            grad = input_gradient(logits_fn, x, tf.one_hot(y, num_classes))
+            return project(x + eps * tf.sign(grad), x, eps)
+
+        @tf.function(input_signature=[images, labels, images, scalar, scalar, count])
+        def pgd(x, y, x_start, eps, eta, k):
+            return pgd_loop(logits_fn, x, tf.one_hot(y, num_classes), x_start, eps, eta, k)
+
+        @tf.function(input_signature=[images, labels, scalar, scalar, count, scalar])
+        def mim(x, y, eps, eta, k, decay):
+            return mim_loop(logits_fn, x, tf.one_hot(y, num_classes), eps, eta, k, decay)
+
+        _COMPILED_ATTACKS[model] = dict(fgsm=fgsm, pgd=pgd, mim=mim)
+    return _COMPILED_ATTACKS[model]
+
+
+def _as_tensors(x, y):
+    return tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(np.asarray(y), tf.int32)
+
+
+def fgsm_attack(model, x, y, eps=0.0313):
+    """FGSM (Goodfellow et al. 2015): x + eps * sign(grad), clipped to [-1, 1].
+    x: (N, H, W, C) in [-1, 1]; y: (N,) int labels. Returns a (N, H, W, C) float32 tensor."""
+    x, y = _as_tensors(x, y)
+    return _compiled(model)['fgsm'](x, y, float(eps))
+
+
+def pgd_attack(model, x, y, eps=0.0313, k=20, eta=0.002, random_start=False, seed=None):
+    """PGD (Madry et al. 2018): k signed-gradient steps of size eta, each projected onto the eps
+    ball around x and onto [-1, 1]; ``random_start`` starts from a uniform point in the ball."""
+    x, y = _as_tensors(x, y)
+    start = x
+    if random_start:
+        start = x + tf.random.uniform(tf.shape(x), -eps, eps, seed=seed)
+    return _compiled(model)['pgd'](x, y, start, float(eps), float(eta), int(k))
+
+
+def mim_attack(model, x, y, eps=0.0313, k=20, eta=0.002, decay=1.0):
+    """MIM (Dong et al. 2018): PGD steps along the sign of the momentum of L1-normalised
+    gradients, with decay factor ``decay``."""
+    x, y = _as_tensors(x, y)
+    return _compiled(model)['mim'](x, y, float(eps), float(eta), int(k), float(decay))
+
+
+def robust_accuracy(model, x, y, attack, batch_size=500, **attack_kwargs):
+    """Accuracy of ``model`` on ``attack(model, x_batch, y_batch, **attack_kwargs)``, batched.
+    ``attack=None`` gives the clean accuracy."""
+    y = np.asarray(y)
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        if attack is not None:
+            xb = attack(model, xb, yb, **attack_kwargs)
+        correct += int(np.sum(np.argmax(model(xb, training=False), axis=1) == yb))
+    return correct / len(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Experiment cache
+# --------------------------------------------------------------------------------------------------
+TRAINING_CODE = (DefaultModel, YourModel, build_augmenter, mixup_batch, sample_beta,
+                 RegularizedTrainer, RobustValidation, logits_model, input_gradient, project,
+                 pgd_loop, robust_accuracy, pgd_attack, _compiled)
+
+
+def training_code_hash():
+    """sha256 of the source of everything that trains a model: a change invalidates the cache."""
+    source = ''.join(inspect.getsource(obj) for obj in TRAINING_CODE)
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def data_fingerprint(data_manager):
+    """sha256 of the training and validation images and labels a model is trained on."""
+    digest = hashlib.sha256()
+    for array in (data_manager.X_train, data_manager.y_train,
+                  data_manager.X_valid, data_manager.y_valid):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write_json(obj, path):
+    """json.dump to ``path`` through a temporary file and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.json', dir=folder)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def cached_fit(network, data_manager, model_path, meta_path, batch_size=None, num_epochs=None,
+               force=False):
+    """Builds and trains ``network``, or reuses what an identical earlier run saved.
+
+    The cache entry is the model at ``model_path`` (``.h5``) and, at ``meta_path`` (JSON), its
+    history, training time and key: the network's configuration, the fit arguments, the data
+    fingerprint and ``training_code_hash()``. A different key (or ``force``) retrains; files are
+    written atomically, so an interrupted run leaves the previous entry or none.
+    Returns the metadata dict (``history``, ``seconds``, ``epochs_run``, ``best_epoch``, ``cached``).
+    """
+    config = dict(network.get_config(), fit_batch_size=batch_size or network.batch_size,
+                  fit_num_epochs=num_epochs or network.num_epochs)
+    key = hashlib.sha256(json.dumps(
+        [config, data_fingerprint(data_manager), training_code_hash()], sort_keys=True,
+        default=str).encode()).hexdigest()
+    if not force and os.path.exists(model_path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get('key') == key:
+            network.load(model_path)
+            network.history, network.best_epoch = meta['history'], meta['best_epoch']
+            print(f"Reusing cached {network.name}: {model_path} (trained {meta['epochs_run']} "
+                  f"epochs in {meta['seconds']:.0f} s; set FORCE_RETRAIN = True to retrain).")
+            return dict(meta, cached=True)
+        print(f"Cache entry {model_path} is stale (configuration, data or code changed): retraining.")
+    network.build_cnn()
+    started = time.perf_counter()
+    network.fit(data_manager, batch_size=batch_size, num_epochs=num_epochs)
+    seconds = time.perf_counter() - started
+    network.save(model_path)
+    meta = dict(key=key, config=config, history=network.history, seconds=seconds,
+                epochs_run=len(network.history['loss']), best_epoch=network.best_epoch)
+    atomic_write_json(meta, meta_path)
+    return dict(meta, cached=False)
