@@ -215,6 +215,14 @@ class DefaultModel:
         ], name=self.name)
         return self.model
 
+    CONFIG_KEYS = ('width', 'height', 'depth', 'num_blocks', 'feature_maps', 'num_classes',
+                   'drop_rate', 'batch_norm', 'is_augmentation', 'activation_func', 'use_skip',
+                   'optimizer', 'batch_size', 'num_epochs', 'learning_rate', 'seed')
+
+    def get_config(self):
+        """Everything that determines what ``fit`` produces (the experiment cache's key)."""
+        return {'class': type(self).__name__, **{k: getattr(self, k) for k in self.CONFIG_KEYS}}
+
     def summary(self):
         self._require_model()
         self.model.summary()
@@ -266,7 +274,7 @@ class DefaultModel:
                 data_manager.y_valid, self.num_classes).astype(np.float32)),
             epochs=num_epochs,
             shuffle=False,  # the dataset reshuffles itself every epoch
-            verbose=1 if self.verbose else 0,
+            verbose=int(self.verbose),  # 1: progress bar, 2: one line per epoch
             callbacks=callbacks,
         )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -306,9 +314,11 @@ class DefaultModel:
     def plot_prediction(self, X, y, classes, tile_shape=(5, 5), seed=SEED):
         """A grid of random images titled with prediction and truth (red where wrong)."""
         rows, cols = tile_shape
-        idx = np.random.RandomState(seed).choice(len(X), rows * cols, replace=False)
+        idx = np.random.RandomState(seed).choice(len(X), min(rows * cols, len(X)), replace=False)
         predictions = self.predict(X[idx])
         fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows))
+        for ax in axes.ravel()[len(idx):]:
+            ax.axis('off')
         for ax, i, pred in zip(axes.ravel(), idx, predictions):
             ax.imshow(to_display(X[i]))
             ax.set_title(f"pred: {classes[pred]}\ntrue: {classes[y[i]]}", fontsize=8,
@@ -445,13 +455,8 @@ class YourModel(DefaultModel):
         # within an epoch of ~60 steps; Keras's 0.99 lags about two epochs behind.
         return layers.BatchNormalization(momentum=0.9, name=name)(x) if self.batch_norm else x
 
-    def get_config(self):
-        """Everything that determines what ``fit`` produces (for the experiment cache)."""
-        keys = ['width', 'height', 'depth', 'num_blocks', 'feature_maps', 'num_classes', 'drop_rate',
-                'batch_norm', 'is_augmentation', 'activation_func', 'use_skip', 'optimizer',
-                'batch_size', 'num_epochs', 'learning_rate', 'seed', 'patience', 'mixup_alpha',
-                'adv_eps', 'adv_k', 'adv_eta', 'sam_rho', 'weight_decay', 'lr_schedule']
-        return {k: getattr(self, k) for k in keys}
+    CONFIG_KEYS = DefaultModel.CONFIG_KEYS + ('patience', 'mixup_alpha', 'adv_eps', 'adv_k',
+                                              'adv_eta', 'sam_rho', 'weight_decay', 'lr_schedule')
 
     def _make_optimizer(self, total_steps):
         learning_rate = self.learning_rate
@@ -715,17 +720,22 @@ def mim_attack(model, x, y, eps=0.0313, k=20, eta=0.002, decay=1.0):
     return _compiled(model)['mim'](x, y, float(eps), float(eta), int(k), float(decay))
 
 
-def robust_accuracy(model, x, y, attack, batch_size=500, **attack_kwargs):
-    """Accuracy of ``model`` on ``attack(model, x_batch, y_batch, **attack_kwargs)``, batched.
-    ``attack=None`` gives the clean accuracy."""
+def robust_correct(model, x, y, attack, batch_size=500, **attack_kwargs):
+    """(N,) bools: is ``model`` right on ``attack(model, x_batch, y_batch, **attack_kwargs)``?
+    Batched; ``attack=None`` checks the clean images."""
     y = np.asarray(y)
-    correct = 0
+    correct = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         if attack is not None:
             xb = attack(model, xb, yb, **attack_kwargs)
-        correct += int(np.sum(np.argmax(model(xb, training=False), axis=1) == yb))
-    return correct / len(x)
+        correct.append(np.argmax(model(xb, training=False), axis=1) == yb)
+    return np.concatenate(correct)
+
+
+def robust_accuracy(model, x, y, attack, batch_size=500, **attack_kwargs):
+    """Accuracy of ``model`` under ``attack`` (see ``robust_correct``), a float in [0, 1]."""
+    return float(np.mean(robust_correct(model, x, y, attack, batch_size, **attack_kwargs)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -733,7 +743,7 @@ def robust_accuracy(model, x, y, attack, batch_size=500, **attack_kwargs):
 # --------------------------------------------------------------------------------------------------
 TRAINING_CODE = (DefaultModel, YourModel, build_augmenter, mixup_batch, sample_beta,
                  RegularizedTrainer, RobustValidation, logits_model, input_gradient, project,
-                 pgd_loop, robust_accuracy, pgd_attack, _compiled)
+                 pgd_loop, robust_correct, robust_accuracy, pgd_attack, _compiled)
 
 
 def training_code_hash():
