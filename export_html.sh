@@ -90,7 +90,8 @@ for path in map(Path, sys.argv[1:]):
         continue
     found = problems(path)
     if found:
-        print(f"refusing to export {path}:", *found, file=sys.stderr, sep="\n  ")
+        more = [f"... and {len(found) - 5} more"] if len(found) > 5 else []
+        print(f"refusing to export {path}:", *found[:5], *more, file=sys.stderr, sep="\n  ")
         print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
         status = 1
         continue
