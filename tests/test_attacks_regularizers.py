@@ -1,0 +1,389 @@
+"""models.py, part 2 (issue 4): FGSM/PGD/MIM attacks, mixup, PGD adversarial training and SAM.
+
+- Attacks are cross-checked against cleverhans 4.0.0 (tf2), given ``models.logits_model(net)`` as
+  ``model_fn``: cleverhans's default loss is the softmax cross-entropy of the logits, the same
+  objective as models.py's. k = 20 steps, as in the assignment.
+- Properties (hypothesis): eps ball, pixel range, eps = 0, PGD at least as strong as FGSM.
+- Mixup and SAM against formulas computed here in numpy; adversarial training against clean training.
+
+The data are synthetic 16x16 images of 3 classes (``synthetic``): a weak, fully predictive pattern
+(amplitude 0.06 per pixel, below 2 eps) plus a strong patch (0.3) that marks the right class in 70% of
+the images. A model trained clean leans on the weak pattern, which a PGD perturbation of eps = 0.0313
+erases; adversarial training shifts weight to the patch. That gives the adversarial-training test a
+margin to find within two short epochs.
+"""
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method  # noqa: E402
+from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method  # noqa: E402
+from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from scipy import stats  # noqa: E402
+from tensorflow import keras  # noqa: E402
+
+import models  # noqa: E402
+from models import AnimalsDatasetManager, YourModel  # noqa: E402
+
+EPS, K, ETA = 0.0313, 20, 0.002
+SIZE, CLASSES = 16, 3
+PROPERTY = settings(max_examples=12, deadline=None, derandomize=True)
+
+
+def synthetic(n, seed, weak=0.06, patch=0.3, reliability=0.7, noise=0.3):
+    """(n, 16, 16, 3) float32 images in [-1, 1] and (n,) labels in {0, 1, 2} (see the module docstring)."""
+    templates = np.random.RandomState(0).choice([-1.0, 1.0], size=(CLASSES, SIZE, SIZE, 3))
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, CLASSES, n)
+    x = weak * templates[y] + noise * rng.randn(n, SIZE, SIZE, 3)
+    marked = np.where(rng.rand(n) < reliability, y, rng.randint(0, CLASSES, n))
+    for i, c in enumerate(marked):
+        x[i, 2:6, 2 + 4 * c:6 + 4 * c, :] += patch
+    return np.clip(x, -1, 1).astype(np.float32), y
+
+
+def manager_of(x_train, y_train, x_valid, y_valid):
+    manager = AnimalsDatasetManager()
+    manager.X_train, manager.y_train, manager.X_valid, manager.y_valid = x_train, y_train, x_valid, y_valid
+    return manager
+
+
+def net_of(**kwargs):
+    defaults = dict(width=SIZE, height=SIZE, num_blocks=2, feature_maps=8, num_classes=CLASSES, drop_rate=0.0,
+                    batch_norm=True, batch_size=32, num_epochs=2, learning_rate=1e-3, verbose=False)
+    return YourModel(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return manager_of(*synthetic(600, seed=1), *synthetic(150, seed=2))
+
+
+@pytest.fixture(scope="module")
+def clean_net(data):
+    """A small YourModel (2 blocks, BN) trained clean for 2 epochs."""
+    net = net_of()
+    net.build_cnn()
+    net.fit(data)
+    return net
+
+
+@pytest.fixture(scope="module")
+def batch(data):
+    return data.X_valid[:100], data.y_valid[:100]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-check against cleverhans
+# ------------------------------------------------------------------------------------------------
+def assert_matches(ours, theirs, model):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    agree = np.mean(np.isclose(ours, theirs, rtol=0, atol=1e-6))
+    assert agree >= 0.99, f"only {agree:.4%} of pixels agree with cleverhans"
+    np.testing.assert_array_equal(np.argmax(model(ours, training=False), axis=1),
+                                  np.argmax(model(theirs, training=False), axis=1))
+    return agree
+
+
+def test_model_is_trained_and_attackable(clean_net, batch):
+    """The cross-checks below compare attacks that actually change predictions."""
+    x, y = batch
+    model = clean_net.model
+    clean = models.robust_accuracy(model, x, y, None)
+    attacked = models.robust_accuracy(model, x, y, models.pgd_attack, eps=EPS, k=K, eta=ETA)
+    assert clean >= 0.6
+    assert attacked < clean - 0.1
+
+
+def test_fgsm_matches_cleverhans(clean_net, batch):
+    x, y = batch
+    ours = models.fgsm_attack(clean_net.model, x, y, eps=EPS)
+    theirs = fast_gradient_method(models.logits_model(clean_net.model), tf.constant(x), EPS, np.inf,
+                                  clip_min=-1.0, clip_max=1.0, y=tf.constant(y))
+    assert_matches(ours, theirs, clean_net.model)
+
+
+def test_pgd_matches_cleverhans(clean_net, batch):
+    x, y = batch
+    ours = models.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, random_start=False)
+    theirs = projected_gradient_descent(models.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
+                                        clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
+    assert_matches(ours, theirs, clean_net.model)
+
+
+def test_mim_matches_cleverhans(clean_net, batch):
+    x, y = batch
+    ours = models.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, decay=1.0)
+    theirs = momentum_iterative_method(models.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
+                                       clip_min=-1.0, clip_max=1.0, y=tf.constant(y), decay_factor=1.0,
+                                       sanity_checks=False)
+    assert_matches(ours, theirs, clean_net.model)
+
+
+def test_attacks_differ_from_each_other(clean_net, batch):
+    """Guards the cross-checks against a shared mistake: FGSM, PGD and MIM are different points."""
+    x, y = batch
+    fgsm = np.asarray(models.fgsm_attack(clean_net.model, x, y, eps=EPS))
+    pgd = np.asarray(models.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
+    mim = np.asarray(models.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
+    assert np.mean(np.isclose(fgsm, pgd, atol=1e-6)) < 0.9
+    assert np.mean(np.isclose(pgd, mim, atol=1e-6)) < 0.99
+
+
+def test_logits_model_gives_the_softmax_inputs(clean_net, batch):
+    x, _ = batch
+    logits = models.logits_model(clean_net.model)(x)
+    np.testing.assert_allclose(tf.nn.softmax(logits), clean_net.model(x, training=False), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties
+# ------------------------------------------------------------------------------------------------
+def random_images(seed, n, saturated):
+    """Uniform images in [-1, 1] with a fraction ``saturated`` of pixels exactly at -1 or 1."""
+    rng = np.random.RandomState(seed)
+    x = rng.uniform(-1, 1, (n, SIZE, SIZE, 3))
+    mask = rng.rand(*x.shape) < saturated
+    x[mask] = rng.choice([-1.0, 1.0], size=int(mask.sum()))
+    return x.astype(np.float32), rng.randint(0, CLASSES, n)
+
+
+ATTACKS = {
+    "fgsm": lambda model, x, y, eps: models.fgsm_attack(model, x, y, eps=eps),
+    "pgd": lambda model, x, y, eps: models.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA),
+    "pgd_random_start": lambda model, x, y, eps: models.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA,
+                                                                   random_start=True),
+    "mim": lambda model, x, y, eps: models.mim_attack(model, x, y, eps=eps, k=5, eta=ETA),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@PROPERTY
+@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(1, 6), saturated=st.sampled_from([0.0, 0.3]),
+       eps=st.floats(0.0, 0.1))
+def test_attack_stays_in_eps_ball_and_pixel_range(clean_net, name, seed, n, saturated, eps):
+    x, y = random_images(seed, n, saturated)
+    adv = np.asarray(ATTACKS[name](clean_net.model, x, y, eps))
+    assert adv.shape == x.shape and adv.dtype == np.float32
+    assert np.max(np.abs(adv - x)) <= eps + 1e-6
+    assert adv.min() >= -1.0 and adv.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@PROPERTY
+@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(1, 6))
+def test_eps_zero_returns_x(clean_net, name, seed, n):
+    x, y = random_images(seed, n, 0.3)
+    np.testing.assert_array_equal(np.asarray(ATTACKS[name](clean_net.model, x, y, 0.0)), x)
+
+
+def test_attacks_move_most_pixels_to_the_ball_surface(clean_net, batch):
+    """FGSM moves every pixel by exactly eps (unless clipped): the attack is not a no-op."""
+    x, y = batch
+    adv = np.asarray(models.fgsm_attack(clean_net.model, x, y, eps=EPS))
+    inside = (x > -1 + EPS) & (x < 1 - EPS)
+    np.testing.assert_allclose(np.abs(adv - x)[inside], EPS, atol=1e-6)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(eps=st.floats(0.005, 0.04))
+def test_pgd_at_least_as_strong_as_fgsm(clean_net, data, eps):
+    """k * eta = 0.04 >= eps: PGD-20 can reach every point FGSM reaches, so it finds at least as many
+    adversarial examples, up to a few images where FGSM's single large step happens to win."""
+    x, y = data.X_valid, data.y_valid
+    pgd = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, eps=eps, k=K, eta=ETA)
+    fgsm = models.robust_accuracy(clean_net.model, x, y, models.fgsm_attack, eps=eps)
+    assert pgd <= fgsm + 0.02
+
+
+def test_robust_accuracy_batches_and_clean_accuracy(clean_net, data):
+    x, y = data.X_valid, data.y_valid
+    assert models.robust_accuracy(clean_net.model, x, y, None, batch_size=7) == clean_net.compute_accuracy(x, y)
+    whole = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, eps=EPS, k=5, eta=ETA)
+    batched = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, batch_size=32, eps=EPS, k=5, eta=ETA)
+    assert whole == batched
+
+
+def test_attacks_do_not_retrace_across_batch_sizes():
+    model = net_of(num_blocks=1, feature_maps=4).build_cnn()
+    compiled = models._compiled(model)
+    for n in (5, 7, 3):
+        x, y = random_images(n, n, 0.0)
+        models.fgsm_attack(model, x, y, eps=EPS)
+        models.pgd_attack(model, x, y, eps=EPS, k=3, eta=ETA)
+        models.pgd_attack(model, x, y, eps=0.01, k=4, eta=0.001, random_start=True)
+        models.mim_attack(model, x, y, eps=EPS, k=3, eta=ETA)
+    for name in ("fgsm", "pgd", "mim"):
+        assert compiled[name].experimental_get_tracing_count() == 1, name
+    assert models._compiled(model) is compiled
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixup
+# ------------------------------------------------------------------------------------------------
+def test_mixup_batch_is_the_exact_convex_combination():
+    rng = np.random.RandomState(0)
+    x = rng.uniform(-1, 1, (5, 4, 4, 3)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.randint(0, 3, 5)]
+    lam, perm = 0.3, np.array([2, 0, 4, 1, 3])
+    x_mixed, y_mixed = models.mixup_batch(tf.constant(x), tf.constant(y), lam, tf.constant(perm))
+    np.testing.assert_allclose(x_mixed, np.float32(lam) * x + np.float32(1 - lam) * x[perm], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(y_mixed, np.float32(lam) * y + np.float32(1 - lam) * y[perm], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.sum(y_mixed, axis=1), 1.0, atol=1e-6)
+    same_x, same_y = models.mixup_batch(tf.constant(x), tf.constant(y), 1.0, tf.constant(perm))
+    np.testing.assert_array_equal(same_x, x)
+    np.testing.assert_array_equal(same_y, y)
+
+
+def test_mixup_lambda_is_beta_distributed():
+    tf.random.set_seed(0)
+    draws = np.array([float(models.sample_beta(0.2)) for _ in range(400)])
+    assert np.all((draws >= 0) & (draws <= 1))
+    assert stats.kstest(draws, stats.beta(0.2, 0.2).cdf).pvalue > 0.01
+    assert stats.kstest(draws, stats.uniform().cdf).pvalue < 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# SAM
+# ------------------------------------------------------------------------------------------------
+def softmax_ce_gradients(x, y, w, b):
+    """Mean categorical cross-entropy of softmax(x w + b) and its gradients, in float64."""
+    z = x @ w + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.sum(y * np.log(p), axis=1))
+    dz = (p - y) / len(x)
+    return loss, x.T @ dz, dz.sum(axis=0)
+
+
+def tiny_dense(seed=0, sequential=False):
+    """Dense(2, softmax) on 3 inputs with known weights, and a batch of 6 examples."""
+    rng = np.random.RandomState(seed)
+    if sequential:
+        net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    else:
+        inputs = keras.Input((3,))
+        net = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    w, b = rng.normal(0, 0.5, (3, 2)).astype(np.float32), rng.normal(0, 0.1, 2).astype(np.float32)
+    net.set_weights([w, b])
+    x = rng.normal(0, 1, (6, 3)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.randint(0, 2, 6)]
+    return net, x, y, w.astype(np.float64), b.astype(np.float64)
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.5])
+@pytest.mark.parametrize("sequential", [False], ids=["functional"])
+def test_sam_step_equals_hand_computed_update(rho, sequential):
+    net, x, y, w, b = tiny_dense(sequential=sequential)
+    lr = 0.1
+    trainer = models.RegularizedTrainer(net, sam_rho=rho)
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=lr), loss=keras.losses.CategoricalCrossentropy())
+    history = trainer.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+
+    loss, gw, gb = softmax_ce_gradients(x, y, w, b)
+    norm = np.sqrt(np.sum(gw ** 2) + np.sum(gb ** 2))
+    _, sharp_gw, sharp_gb = softmax_ce_gradients(x, y, w + rho * gw / norm, b + rho * gb / norm)
+    new_w, new_b = net.get_weights()
+    np.testing.assert_allclose(new_w, w - lr * sharp_gw, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new_b, b - lr * sharp_gb, rtol=0, atol=1e-5)
+    assert history.history["loss"][0] == pytest.approx(loss, abs=1e-5)  # the loss at w, not at w + e
+    # the test can fail: plain SGD lands elsewhere
+    assert np.max(np.abs((w - lr * gw) - (w - lr * sharp_gw))) > 1e-4
+
+
+def test_sam_updates_batch_norm_statistics_once():
+    """Batch norm right after the input: its batch mean doesn't depend on the weights, so after one SAM
+    step the moving mean is exactly momentum * 0 + (1 - momentum) * batch mean, as after a plain step."""
+    rng = np.random.RandomState(1)
+    x = rng.normal(2.0, 1.0, (8, 3)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.randint(0, 2, 8)]
+    moving_means = []
+    for rho in (0.0, 0.05):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        bn = keras.layers.BatchNormalization(momentum=0.9)
+        net = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(bn(inputs)))
+        trainer = models.RegularizedTrainer(net, sam_rho=rho) if rho else net
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy())
+        trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        moving_means.append(bn.moving_mean.numpy())
+    np.testing.assert_allclose(moving_means[1], 0.1 * x.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(moving_means[1], moving_means[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adversarial training
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adv_net(data):
+    """The clean fixture's model, trained the same 2 epochs with PGD-10 adversarial examples."""
+    net = net_of(adv_eps=EPS)
+    net.build_cnn()
+    net.fit(data)
+    return net
+
+
+def test_adversarial_training_raises_pgd_accuracy(clean_net, adv_net, data):
+    x, y = data.X_valid, data.y_valid
+    robust = {}
+    for name, net in [("clean", clean_net), ("adv", adv_net)]:
+        robust[name] = {k: models.robust_accuracy(net.model, x, y, models.pgd_attack, eps=EPS, k=k, eta=ETA)
+                        for k in (10, 20)}
+    print(f"PGD validation accuracy, clean vs adversarial training: {robust}")
+    assert robust["adv"][20] >= robust["clean"][20] + 0.05
+    assert robust["adv"][10] > robust["clean"][10]
+
+
+def test_adversarial_training_keeps_the_most_robust_epoch(adv_net, data):
+    history = adv_net.history
+    assert len(history["val_pgd_accuracy"]) == len(history["val_accuracy"]) == 2
+    assert adv_net.best_epoch == int(np.argmax(history["val_pgd_accuracy"])) + 1
+    kept = models.robust_accuracy(adv_net.model, data.X_valid, data.y_valid, models.pgd_attack,
+                                  eps=EPS, k=adv_net.adv_k, eta=adv_net.adv_eta)
+    assert kept == pytest.approx(max(history["val_pgd_accuracy"]), abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every option trains the plain network and round-trips through .h5
+# ------------------------------------------------------------------------------------------------
+OPTIONS = {
+    "mixup": dict(mixup_alpha=0.2),
+    "adv": dict(adv_eps=EPS, adv_k=3),
+    "sam": dict(sam_rho=0.05),
+    "augmentation+patience": dict(is_augmentation=True, patience=2),
+    "cosine+weight_decay": dict(lr_schedule="cosine", weight_decay=1e-4),
+    "all": dict(mixup_alpha=0.2, adv_eps=EPS, adv_k=2, sam_rho=0.05, is_augmentation=True, patience=1,
+                lr_schedule="cosine", weight_decay=1e-4, drop_rate=0.2),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_option_trains_and_round_trips_through_h5(option, data, tmp_path):
+    small = manager_of(data.X_train[:64], data.y_train[:64], data.X_valid[:32], data.y_valid[:32])
+    net = net_of(num_blocks=1, feature_maps=4, batch_size=16, num_epochs=2, **OPTIONS[option])
+    net.build_cnn()
+    initial = [w.copy() for w in net.model.get_weights()]
+    history = net.fit(small)
+    assert np.all(np.isfinite(history["loss"]))
+    if net.adv_eps:
+        assert len(history["val_pgd_accuracy"]) == len(history["loss"])
+    trained = net.model.get_weights()
+    changed = [not np.array_equal(a, b) for a, b in zip(initial, trained)]
+    assert all(changed), "every weight (kernels, biases, BN statistics) of net.model is trained"
+    assert type(net.model) is not models.RegularizedTrainer and net.model.__class__.__name__ == "Functional"
+    path = str(tmp_path / f"{option}.h5")
+    net.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(np.asarray(loaded(small.X_valid, training=False)),
+                                  np.asarray(net.model(small.X_valid, training=False)))

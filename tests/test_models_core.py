@@ -1,0 +1,531 @@
+"""models.py, part 1 (issue 3): the data manager, DefaultModel and YourModel.
+
+Everything runs on tiny data: a handful of images written to a temporary folder for the data manager,
+random arrays for the networks (32x32 or 16x16, a few dozen images, 1 to 6 epochs of a 1-block model).
+Expected parameter counts are computed here from the block formula, not read from models.py.
+"""
+import math
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from tensorflow import keras  # noqa: E402
+
+import models  # noqa: E402
+from models import AnimalsDatasetManager, DefaultModel, SimplePreprocessor, YourModel  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# The image tree: class -> [(file name, (height, width), BGR colour or None for a corrupt file)]
+# Classes are created in unsorted order; each image is one uniform colour, unique per file, so the
+# loaded pixels tell which file was read and in which order.
+# ------------------------------------------------------------------------------------------------
+TREE = {
+    "zebra": [("z1.png", (40, 30), (10, 200, 30)), ("z2.jpg", (64, 64), (200, 30, 90)),
+              ("z3.png", (17, 50), (60, 60, 160))],
+    "ant": [("a_red.png", (30, 45), (0, 0, 255)), ("b.jpg", (50, 50), (120, 40, 40)),
+            ("c.png", (20, 60), (30, 140, 220)), ("d.jpeg", (33, 33), (220, 220, 20)),
+            ("e.PNG", (100, 80), (90, 10, 160))],
+    "mole": [("0_corrupt.jpg", None, None), ("m1.png", (32, 32), (250, 250, 250)),
+             ("m2.jpg", (48, 24), (5, 5, 5)), ("m3.png", (70, 35), (100, 180, 60)),
+             ("m4.jpg", (45, 90), (180, 100, 60))],
+}
+TEXT_FILE = ("mole", "notes.txt")
+SORTED_CLASSES = ["ant", "mole", "zebra"]
+
+
+def readable(label):
+    return [entry for entry in TREE[label] if entry[1] is not None]
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("animals")
+    for label, entries in TREE.items():
+        (root / label).mkdir()
+        for name, size, bgr in entries:
+            path = root / label / name
+            if size is None:
+                path.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG image at all")
+            else:
+                image = np.empty((*size, 3), np.uint8)
+                image[:] = bgr
+                assert cv2.imwrite(str(path), image)
+    (root / TEXT_FILE[0] / TEXT_FILE[1]).write_text("not an image\n")
+    return root
+
+
+def load_tree(root, **kwargs):
+    """Loads the tree; returns (manager, list of the warnings raised)."""
+    manager = AnimalsDatasetManager([SimplePreprocessor(32, 32)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manager.load(models.create_label_folder_dict(str(root)), **kwargs)
+    return manager, [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data manager
+# ------------------------------------------------------------------------------------------------
+def test_load_counts_classes_order_and_corrupt_warning(image_tree, capsys):
+    manager, caught = load_tree(image_tree, verbose=2)
+    out = capsys.readouterr().out
+    expected_labels = [label for label in SORTED_CLASSES for _ in readable(label)]
+    assert list(manager.labels) == expected_labels
+    assert manager.data.shape == (len(expected_labels), 32, 32, 3)
+    assert manager.data.dtype == np.uint8
+    # files in name order: each uniform image keeps its colour (RGB after loading)
+    expected_rgb = np.array([entry[2][::-1] for label in SORTED_CLASSES for entry in readable(label)])
+    np.testing.assert_allclose(manager.data.reshape(len(expected_rgb), -1, 3).mean(axis=1), expected_rgb, atol=4)
+    # one warning that counts the single corrupt file (the .txt file is not an image, not "unreadable")
+    unreadable = [w for w in caught if "unreadable" in str(w.message)]
+    assert len(unreadable) == 1, [str(w.message) for w in caught]
+    assert re.search(r"\b1 unreadable", str(unreadable[0].message))
+    for label in SORTED_CLASSES:
+        assert re.search(rf"^{label} \d+$", out, re.M), out
+    assert "Processed 2/500" in out and "Processed 4/500" in out
+
+
+def test_max_num_images_takes_the_first_readable_files(image_tree, capsys):
+    manager, _ = load_tree(image_tree, max_num_images=2)
+    assert list(manager.labels) == ["ant", "ant", "mole", "mole", "zebra", "zebra"]
+    first_two = np.array([entry[2][::-1] for label in SORTED_CLASSES for entry in readable(label)[:2]])
+    np.testing.assert_allclose(manager.data.reshape(6, -1, 3).mean(axis=1), first_two, atol=4)
+    assert "Processed" not in capsys.readouterr().out  # verbose=-1 by default
+
+
+def test_rgb_order_and_scaling(image_tree):
+    manager, _ = load_tree(image_tree)
+    raw = manager.data.copy()
+    manager.process_data_label()
+    assert list(manager.classes) == SORTED_CLASSES
+    assert list(manager.labels) == [i for i, label in enumerate(SORTED_CLASSES) for _ in readable(label)]
+    assert manager.data.dtype == np.float32
+    assert manager.data.min() >= -1.0 and manager.data.max() <= 1.0
+    np.testing.assert_allclose(manager.data, raw.astype(np.float32) / 127.5 - 1.0, rtol=0, atol=1e-6)
+    # "a_red.png" (BGR (0, 0, 255)) is the first image: red, i.e. channel 0 high, in RGB
+    red = manager.data[0]
+    np.testing.assert_array_equal(red[..., 0], 1.0)
+    np.testing.assert_array_equal(red[..., 1:], -1.0)
+    white, black = manager.data[len(readable("ant"))], manager.data[len(readable("ant")) + 1]
+    np.testing.assert_array_equal(white, np.float32(250) / np.float32(127.5) - np.float32(1.0))
+    assert np.all(black <= 5 / 127.5 - 1.0 + 4 / 127.5)
+
+
+def test_preprocessor_resizes_and_converts_bgr_to_rgb():
+    image = np.zeros((7, 11, 3), np.uint8)
+    image[..., 0] = 255  # blue in BGR
+    out = SimplePreprocessor(5, 3).preprocess(image)
+    assert out.shape == (3, 5, 3)
+    assert np.all(out[..., 2] == 255) and np.all(out[..., :2] == 0)
+
+
+def test_split_is_deterministic_on_loaded_images(image_tree):
+    splits = []
+    for _ in range(2):
+        manager, _ = load_tree(image_tree)
+        manager.process_data_label()
+        manager.train_valid_test_split(train_size=0.5, test_size=0.25)
+        splits.append(manager)
+    a, b = splits
+    for name in ["X_train", "y_train", "X_valid", "y_valid", "X_test", "y_test"]:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert len(a.X_train) + len(a.X_valid) + len(a.X_test) == len(a.data)
+
+
+def dummy_manager(n=5000):
+    manager = AnimalsDatasetManager()
+    manager.data = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+    manager.labels = np.arange(n) % 10
+    return manager
+
+
+def test_split_arithmetic_4000_500_500():
+    manager = dummy_manager()
+    manager.train_valid_test_split()
+    assert (len(manager.X_train), len(manager.X_valid), len(manager.X_test)) == (4000, 500, 500)
+    ids = [getattr(manager, name).ravel().astype(int) for name in ["X_train", "X_valid", "X_test"]]
+    assert sorted(np.concatenate(ids)) == list(range(5000))
+    for name, part in zip(["y_train", "y_valid", "y_test"], ids):
+        np.testing.assert_array_equal(getattr(manager, name), part % 10)
+    # the course's arithmetic, seeded with rand_seed=33 in both calls
+    rest, test = train_test_split(np.arange(5000), test_size=0.1, random_state=33)
+    train, valid = train_test_split(rest, test_size=(1 - 0.9) / (1 - 0.9 + 0.8), random_state=33)
+    for expected, part in zip([train, valid, test], ids):
+        np.testing.assert_array_equal(part, expected)
+    # same indices on a second call and on a second manager
+    again = dummy_manager()
+    again.train_valid_test_split()
+    manager.train_valid_test_split()
+    for name in ["X_train", "X_valid", "X_test"]:
+        np.testing.assert_array_equal(getattr(manager, name), getattr(again, name))
+
+
+def test_next_batch():
+    manager = dummy_manager(100)
+    manager.train_valid_test_split()
+    x, y = manager.next_batch(16)
+    assert x.shape == (16, 1, 1, 1) and y.shape == (16,)
+    assert len(np.unique(x)) == 16
+    assert set(x.ravel()) <= set(manager.X_train.ravel())
+
+
+def test_missing_dataset_folder_names_path_and_env_var(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(FileNotFoundError) as info:
+        models.create_label_folder_dict(str(missing))
+    assert str(missing) in str(info.value) and "ANIMALS_DIR" in str(info.value)
+
+
+def test_folder_without_class_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        models.create_label_folder_dict(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"], ids=["empty", "only-text"])
+def test_class_folder_without_images(tmp_path, content):
+    (tmp_path / "cats").mkdir()
+    image = np.full((8, 8, 3), 100, np.uint8)
+    assert cv2.imwrite(str(tmp_path / "cats" / "c.png"), image)
+    (tmp_path / "dogs").mkdir()
+    if content:
+        (tmp_path / "dogs" / content).write_text("x")
+    manager = AnimalsDatasetManager([SimplePreprocessor(8, 8)])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "dogs"))):
+        manager.load(models.create_label_folder_dict(str(tmp_path)))
+
+
+def test_missing_class_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone"))):
+        AnimalsDatasetManager().load({"gone": str(tmp_path / "gone")})
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture: parameter counts from the block formula
+# ------------------------------------------------------------------------------------------------
+def expected_param_counts(num_blocks, feature_maps, batch_norm, num_classes, size=32, depth=3):
+    """(total, trainable) from the block formula: conv 3x3 = 9*cin*cout + cout, BN = 4c (2c trainable)."""
+    total = trainable = 0
+    cin, side = depth, size
+    for i in range(num_blocks):
+        c = feature_maps * 2 ** i
+        convs = (9 * cin * c + c) + (9 * c * c + c)
+        total += convs + (8 * c if batch_norm else 0)
+        trainable += convs + (4 * c if batch_norm else 0)
+        cin, side = c, math.ceil(side / 2)
+    dense = side * side * cin * num_classes + num_classes
+    return total + dense, trainable + dense
+
+
+def layer_types(model):
+    return [type(layer).__name__ for layer in model.layers if type(layer).__name__ != "InputLayer"]
+
+
+def expected_layer_types(num_blocks, use_skip, batch_norm, drop_rate):
+    bn = ["BatchNormalization"] if batch_norm else []
+    block = (["Conv2D"] + bn + ["Activation", "Conv2D"] + bn + (["Add"] if use_skip else [])
+             + ["Activation", "AveragePooling2D"] + (["Dropout"] if drop_rate > 0 else []))
+    return block * num_blocks + ["Flatten", "Dense", "Activation"]
+
+
+def test_baseline_parameter_count_and_layers():
+    model = DefaultModel(num_classes=10, verbose=False).build_cnn()
+    assert model.count_params() == 106_538
+    assert layer_types(model) == ["Conv2D", "Conv2D", "AveragePooling2D", "Conv2D", "Conv2D",
+                                  "AveragePooling2D", "Flatten", "Dense"]
+    assert model.output_shape == (None, 10)
+    assert model.layers[-1].activation is keras.activations.softmax
+
+
+def test_default_model_positional_order():
+    net = DefaultModel("n", 16, 24, 1, 3, 8, 5, 0.3, True, True, "elu", False, "sgd", 7, 9, 0.01, False)
+    assert (net.name, net.width, net.height, net.depth, net.num_blocks, net.feature_maps, net.num_classes,
+            net.drop_rate, net.batch_norm, net.is_augmentation, net.activation_func, net.use_skip,
+            net.optimizer, net.batch_size, net.num_epochs, net.learning_rate, net.verbose) == (
+        "n", 16, 24, 1, 3, 8, 5, 0.3, True, True, "elu", False, "sgd", 7, 9, 0.01, False)
+
+
+@pytest.mark.parametrize("num_blocks, feature_maps, use_skip, batch_norm, drop_rate, num_classes", [
+    (1, 8, True, True, 0.2, 4),
+    (2, 8, False, None, 0.0, 3),
+    (3, 32, True, True, 0.0, 10),   # the notebook's configuration
+    (3, 4, False, False, 0.5, 4),
+    (5, 2, True, True, 0.1, 2),     # 32 -> 1 pixel: the deepest allowed for 32x32
+])
+def test_your_model_parameter_counts_and_layers(num_blocks, feature_maps, use_skip, batch_norm, drop_rate,
+                                                num_classes):
+    net = YourModel(num_blocks=num_blocks, feature_maps=feature_maps, use_skip=use_skip, batch_norm=batch_norm,
+                    drop_rate=drop_rate, num_classes=num_classes, verbose=False)
+    model = net.build_cnn()
+    total, trainable = expected_param_counts(num_blocks, feature_maps, batch_norm, num_classes)
+    assert model.count_params() == total
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable
+    assert layer_types(model) == expected_layer_types(num_blocks, use_skip, batch_norm, drop_rate)
+    kinds = layer_types(model)
+    assert kinds.count("Add") == (num_blocks if use_skip else 0)
+    assert kinds.count("BatchNormalization") == (2 * num_blocks if batch_norm else 0)
+    assert kinds.count("Dropout") == (num_blocks if drop_rate > 0 else 0)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [layer.filters for layer in convs] == [feature_maps * 2 ** (i // 2) for i in range(2 * num_blocks)]
+    for layer in convs:
+        assert (tuple(layer.kernel_size), tuple(layer.strides), layer.padding) == ((3, 3), (1, 1), "same")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.AveragePooling2D):
+            assert (tuple(layer.pool_size), tuple(layer.strides), layer.padding) == ((2, 2), (2, 2), "same")
+        if isinstance(layer, keras.layers.Dropout):
+            assert layer.rate == drop_rate
+    assert model.output_shape == (None, num_classes)
+    assert model.layers[-1].activation is keras.activations.softmax
+
+
+def test_skip_adds_the_first_conv_output():
+    """one_block.png: the Add joins the block's first conv output and the second BN output."""
+    model = YourModel(num_blocks=2, feature_maps=4, batch_norm=True, verbose=False).build_cnn()
+    adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for b, add in enumerate(adds):
+        sources = {node.operation.name for node in add._inbound_nodes[0].parent_nodes}
+        assert sources == {convs[2 * b].name, bns[2 * b + 1].name}
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+COMMON_ERRORS = [
+    (dict(optimizer="adamax_typo"), "adamax_typo"),
+    (dict(activation_func="not_an_activation"), "not_an_activation"),
+    (dict(drop_rate=-0.1), "-0.1"),
+    (dict(drop_rate=1.0), "1.0"),
+    (dict(num_blocks=6), "num_blocks=6"),
+    (dict(num_blocks=3, width=4, height=16), "num_blocks=3"),
+]
+YOUR_MODEL_ERRORS = [
+    (dict(mixup_alpha=-0.5), "-0.5"),
+    (dict(adv_eps=-0.01), "-0.01"),
+    (dict(sam_rho=-0.05), "-0.05"),
+    (dict(weight_decay=-1e-4), "-0.0001"),
+    (dict(patience=0), "patience=0"),
+    (dict(lr_schedule="step"), "'step'"),
+]
+
+
+@pytest.mark.parametrize("cls", [DefaultModel, YourModel])
+@pytest.mark.parametrize("kwargs, named", COMMON_ERRORS, ids=[str(k) for k, _ in COMMON_ERRORS])
+def test_value_errors(cls, kwargs, named):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, named", YOUR_MODEL_ERRORS, ids=[str(k) for k, _ in YOUR_MODEL_ERRORS])
+def test_your_model_value_errors(kwargs, named):
+    with pytest.raises(ValueError) as info:
+        YourModel(**kwargs)
+    assert named in str(info.value)
+
+
+def test_error_messages_say_what_is_allowed():
+    with pytest.raises(ValueError, match="sgd"):
+        DefaultModel(optimizer="bogus")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        DefaultModel(drop_rate=1.0)
+    with pytest.raises(ValueError, match=r"\[1, 5\]"):
+        YourModel(num_blocks=6)
+    with pytest.raises(ValueError, match="cosine"):
+        YourModel(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("optimizer", sorted(models.OPTIMIZERS))
+def test_every_optimizer_is_accepted(optimizer):
+    net = YourModel(optimizer=optimizer, verbose=False)
+    assert net._make_optimizer(10).__class__ is models.OPTIMIZERS[optimizer]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on tiny data
+# ------------------------------------------------------------------------------------------------
+def tiny_manager(n_train=48, n_valid=24, size=16, num_classes=3, seed=0, valid_label=None):
+    """Random images whose class is the sign of a per-class colour offset (learnable in a few steps)."""
+    rng = np.random.RandomState(seed)
+    manager = AnimalsDatasetManager()
+
+    def make(n, labels=None):
+        y = rng.randint(0, num_classes, n) if labels is None else labels
+        offsets = np.linspace(-0.6, 0.6, num_classes)[y]
+        x = np.clip(rng.normal(0, 0.3, (n, size, size, 3)) + offsets[:, None, None, None], -1, 1)
+        return x.astype(np.float32), y
+
+    manager.X_train, manager.y_train = make(n_train)
+    manager.X_valid, manager.y_valid = make(n_valid, None if valid_label is None
+                                            else np.full(n_valid, valid_label))
+    manager.X_test, manager.y_test = make(n_valid)
+    return manager
+
+
+def small_net(cls=YourModel, **kwargs):
+    defaults = dict(width=16, height=16, num_blocks=1, feature_maps=4, num_classes=3, batch_norm=True,
+                    drop_rate=0.2, batch_size=16, num_epochs=1, learning_rate=1e-3, verbose=False)
+    if cls is DefaultModel:
+        defaults.update(feature_maps=32, num_blocks=2, batch_norm=None)
+    return cls(**{**defaults, **kwargs})
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """The network's weights at the end of every epoch."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.weights = net, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append([w.copy() for w in self.net.model.get_weights()])
+
+
+def record_weights(net):
+    recorder = WeightRecorder(net)
+    original = net._callbacks
+    net._callbacks = lambda data_manager, num_epochs: original(data_manager, num_epochs) + [recorder]
+    return recorder
+
+
+def assert_same_weights(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_fit_predict_and_accuracy():
+    manager = tiny_manager()
+    net = small_net(num_epochs=2)
+    net.build_cnn()
+    history = net.fit(manager)
+    assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 2 for v in history.values())
+    assert net.best_epoch is None
+    predictions = net.predict(manager.X_valid)
+    assert predictions.shape == (len(manager.X_valid),) and np.issubdtype(predictions.dtype, np.integer)
+    accuracy = net.compute_accuracy(manager.X_valid, manager.y_valid)
+    assert accuracy == np.mean(predictions == manager.y_valid)
+    # Keras's own validation accuracy of the last epoch is the same number
+    assert accuracy == pytest.approx(history["val_accuracy"][-1], abs=1e-6)
+
+
+def test_augmentation_trains_and_stops_early_with_default_patience():
+    """With augmentation, patience defaults to 3: validation labels of a class never seen in training
+    can't improve after epoch 1, so training stops after 1 + 3 epochs and restores epoch 1."""
+    manager = tiny_manager(valid_label=2)
+    manager.y_train = manager.y_train % 2  # classes 0 and 1 only
+    net = small_net(is_augmentation=True, num_epochs=8)
+    assert net.patience == 3
+    net.build_cnn()
+    recorder = record_weights(net)
+    history = net.fit(manager)
+    assert len(history["loss"]) == 4 and np.all(np.isfinite(history["loss"]))
+    assert net.best_epoch == 1
+    assert_same_weights(net.model.get_weights(), recorder.weights[0])
+    with pytest.raises(AssertionError):  # the restore really changed the weights
+        assert_same_weights(net.model.get_weights(), recorder.weights[-1])
+
+
+def test_augmenter_changes_training_batches_only():
+    x = np.random.RandomState(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+    augmenter = models.build_augmenter(seed=3)
+    augmented = np.asarray(augmenter(x, training=True))
+    assert augmented.shape == x.shape
+    assert not np.allclose(augmented, x)
+    assert augmented.min() >= -1 - 1e-5 and augmented.max() <= 1 + 1e-5
+    np.testing.assert_array_equal(np.asarray(augmenter(x, training=False)), x)
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_without_augmentation_restores_best_epoch(patience):
+    """Random validation labels and a high learning rate: whatever the validation accuracy does, the
+    kept weights are those of its first maximum, and training ran best_epoch + patience epochs (or all)."""
+    manager = tiny_manager(seed=patience)
+    manager.y_valid = np.random.RandomState(7).randint(0, 3, len(manager.y_valid))
+    net = small_net(patience=patience, num_epochs=6, learning_rate=0.05)
+    net.build_cnn()
+    recorder = record_weights(net)
+    history = net.fit(manager)
+    val = history["val_accuracy"]
+    assert net.best_epoch == int(np.argmax(val)) + 1
+    assert len(val) == min(6, net.best_epoch + patience)
+    assert_same_weights(net.model.get_weights(), recorder.weights[net.best_epoch - 1])
+    assert net.compute_accuracy(manager.X_valid, manager.y_valid) == pytest.approx(max(val), abs=1e-6)
+
+
+def test_early_stopping_on_a_validation_set_that_cannot_improve():
+    manager = tiny_manager(valid_label=2)
+    manager.y_train = manager.y_train % 2
+    net = small_net(patience=2, num_epochs=10, drop_rate=0.0)
+    net.build_cnn()
+    recorder = record_weights(net)
+    history = net.fit(manager)
+    assert len(history["loss"]) == 2 + 1
+    assert net.best_epoch == 1
+    assert_same_weights(net.model.get_weights(), recorder.weights[0])
+    assert net.compute_accuracy(manager.X_valid, manager.y_valid) == pytest.approx(history["val_accuracy"][0])
+
+
+@pytest.mark.parametrize("cls", [DefaultModel, YourModel])
+def test_h5_round_trip(cls, tmp_path):
+    manager = tiny_manager()
+    net = small_net(cls)
+    net.build_cnn()
+    net.fit(manager)  # one epoch: batch-norm statistics differ from their initial values
+    path = tmp_path / "sub" / f"{cls.__name__}.h5"
+    net.save(str(path))
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary file left behind
+    loaded = keras.models.load_model(str(path), compile=False)
+    x = manager.X_valid
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(net.model(x, training=False)))
+    other = small_net(cls)
+    other.load(str(path))
+    np.testing.assert_array_equal(other.predict(x), net.predict(x))
+
+
+@pytest.mark.parametrize("is_augmentation", [False], ids=["plain"])
+def test_two_seeded_runs_give_identical_weights(is_augmentation):
+    """Same seed, same data: shuffling, dropout, augmentation and initialisation repeat exactly."""
+    manager = tiny_manager(n_train=128)
+    runs = []
+    for _ in range(2):
+        net = small_net(num_epochs=2, is_augmentation=is_augmentation, seed=7)
+        net.build_cnn()
+        net.fit(manager)
+        runs.append((net.model.get_weights(), net.history))
+    (w1, h1), (w2, h2) = runs
+    max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
+    assert max_diff == 0.0, f"seeded runs differ: max |weight difference| = {max_diff:g}"
+    assert h1 == h2
+    # a different seed gives different weights (the test can fail)
+    net = small_net(num_epochs=2, is_augmentation=is_augmentation, seed=8)
+    net.build_cnn()
+    net.fit(manager)
+    assert any(not np.array_equal(a, b) for a, b in zip(w1, net.model.get_weights()))
+
+
+def test_plots_and_display_range(monkeypatch):
+    monkeypatch.setattr(models.plt, "show", lambda: None)
+    np.testing.assert_array_equal(models.to_display(np.array([-1.0, 0.0, 1.0, 1.5])), [0.0, 0.5, 1.0, 1.0])
+    manager = tiny_manager()
+    net = small_net()
+    with pytest.raises(RuntimeError):
+        net.plot_progress()
+    net.build_cnn()
+    net.fit(manager)
+    net.plot_progress()
+    net.plot_prediction(manager.X_valid, manager.y_valid, ["a", "b", "c"], tile_shape=(2, 3))
+    models.plt.close("all")
