@@ -147,6 +147,26 @@ def test_logits_model_gives_the_softmax_inputs(clean_net, batch):
     np.testing.assert_allclose(tf.nn.softmax(logits), clean_net.model(x, training=False), atol=1e-6)
 
 
+def test_logits_model_of_a_dense_softmax_model():
+    """DefaultModel's last layer is Dense(softmax): logits are its pre-activation."""
+    net = models.DefaultModel(num_classes=3, verbose=False)
+    model = net.build_cnn()
+    x = np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    logits = models.logits_model(model)(x)
+    np.testing.assert_allclose(tf.nn.softmax(logits), model(x, training=False), atol=1e-6)
+
+
+def test_attacks_on_the_baseline_sequential_model():
+    """DefaultModel's network is a Sequential ending in Dense(softmax); attacks work on it too."""
+    model = models.DefaultModel(num_classes=3, verbose=False).build_cnn()
+    rng = np.random.RandomState(1)
+    x, y = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), rng.randint(0, 3, 8)
+    ours = models.pgd_attack(model, x, y, eps=EPS, k=5, eta=ETA)
+    theirs = projected_gradient_descent(models.logits_model(model), tf.constant(x), EPS, ETA, 5, np.inf,
+                                        clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
+    assert_matches(ours, theirs, model)
+
+
 # ------------------------------------------------------------------------------------------------
 # Properties
 # ------------------------------------------------------------------------------------------------
@@ -283,7 +303,7 @@ def tiny_dense(seed=0, sequential=False):
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.5])
-@pytest.mark.parametrize("sequential", [False], ids=["functional"])
+@pytest.mark.parametrize("sequential", [False, True], ids=["functional", "sequential"])
 def test_sam_step_equals_hand_computed_update(rho, sequential):
     net, x, y, w, b = tiny_dense(sequential=sequential)
     lr = 0.1
@@ -350,7 +370,7 @@ def test_adversarial_training_keeps_the_most_robust_epoch(adv_net, data):
     assert len(history["val_pgd_accuracy"]) == len(history["val_accuracy"]) == 2
     assert adv_net.best_epoch == int(np.argmax(history["val_pgd_accuracy"])) + 1
     kept = models.robust_accuracy(adv_net.model, data.X_valid, data.y_valid, models.pgd_attack,
-                                  eps=EPS, k=adv_net.adv_k, eta=adv_net.adv_eta)
+                                  eps=EPS, k=adv_net.adv_val_k, eta=adv_net.adv_eta)
     assert kept == pytest.approx(max(history["val_pgd_accuracy"]), abs=1e-9)
 
 

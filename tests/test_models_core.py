@@ -496,7 +496,7 @@ def test_h5_round_trip(cls, tmp_path):
     np.testing.assert_array_equal(other.predict(x), net.predict(x))
 
 
-@pytest.mark.parametrize("is_augmentation", [False], ids=["plain"])
+@pytest.mark.parametrize("is_augmentation", [False, True], ids=["plain", "augmented"])
 def test_two_seeded_runs_give_identical_weights(is_augmentation):
     """Same seed, same data: shuffling, dropout, augmentation and initialisation repeat exactly."""
     manager = tiny_manager(n_train=128)
@@ -515,6 +515,20 @@ def test_two_seeded_runs_give_identical_weights(is_augmentation):
     net.build_cnn()
     net.fit(manager)
     assert any(not np.array_equal(a, b) for a, b in zip(w1, net.model.get_weights()))
+
+
+def test_augmented_training_stream_repeats_for_the_same_seed():
+    """The augmented batches of an epoch, built twice after the same seeding as fit() does."""
+    manager = tiny_manager(n_train=256)
+    net = small_net(is_augmentation=True, seed=7)
+    streams = []
+    for _ in range(2):
+        keras.utils.set_random_seed(net.seed)
+        dataset = net._train_dataset(manager.X_train, manager.y_train, 16)
+        streams.append([(np.asarray(x), np.asarray(y)) for x, y in dataset])
+    for (x1, y1), (x2, y2) in zip(*streams):
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(x1, x2)
 
 
 def test_plots_and_display_range(monkeypatch):
