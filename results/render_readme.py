@@ -26,13 +26,14 @@ def lookup(data, *keys):
 
 
 def fmt(value):
-    """A number with four decimals, an integer as is, anything else (or nothing) as "not yet run"."""
+    """A number with four decimals (four significant digits when it is below 0.001), an integer as is,
+    anything else (or nothing) as "not yet run"."""
     if isinstance(value, bool) or value is None:
         return NOT_RUN
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     return NOT_RUN
 
 
