@@ -753,10 +753,19 @@ TRAINING_CODE = (DefaultModel, YourModel, build_augmenter, mixup_batch, sample_b
                  pgd_loop, robust_correct, robust_accuracy, pgd_attack, _compiled)
 
 
+def _source_hash(objects):
+    return hashlib.sha256(''.join(inspect.getsource(obj) for obj in objects).encode()).hexdigest()
+
+
+_TRAINING_CODE_HASH = _source_hash(TRAINING_CODE)  # read at import: the code this process runs
+
+
 def training_code_hash():
-    """sha256 of the source of everything that trains a model: a change invalidates the cache."""
-    source = ''.join(inspect.getsource(obj) for obj in TRAINING_CODE)
-    return hashlib.sha256(source.encode()).hexdigest()
+    """sha256 of the source of everything that trains a model: a change invalidates the cache.
+
+    Computed when the module is imported, so an edit of the file during a long run cannot change
+    the key of the experiments that the already-imported code trains."""
+    return _TRAINING_CODE_HASH
 
 
 def data_fingerprint(data_manager):
