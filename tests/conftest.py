@@ -1,5 +1,9 @@
-"""Shared test fixtures: the repository root and the Animals data location."""
+"""Shared test fixtures: the repository root, the Animals data location, and one quick-profile run of each
+notebook per test session (in a committed copy of the working tree), shared by the tests that need one."""
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +31,49 @@ def animals():
     if path is None:
         pytest.skip("Animals data absent: put it in datasets/Animals or set ANIMALS_DIR (see datasets/README.md)")
     return path
+
+
+def run(cmd, cwd=REPO_ROOT, env=None, timeout=300):
+    """Run a command; CompletedProcess with text stdout/stderr."""
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def git(*args, cwd):
+    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=cwd)
+
+
+def checkout_copy(dest):
+    """A committed copy of the working tree (tracked and untracked files, minus ignored ones), so that a
+    run in it can be checked with `git status` whatever else happens in the real checkout meanwhile."""
+    listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    if animals_dir() is not None:
+        (dest / "datasets" / "Animals").symlink_to(animals_dir().resolve())
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
+        assert git(*args, cwd=dest).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def quick_profile_run(tmp_path_factory):
+    """``quick_profile_run(notebook)``: the notebook executed once per session in the quick profile, as
+    `make quick` runs it (default output folder runs/quick/), in a committed copy of the working tree.
+    Returns (checkout folder, papermill's CompletedProcess); the executed notebook and its results are
+    under ``checkout / "runs" / "quick"``."""
+    done = {}
+
+    def execute(notebook):
+        if notebook not in done:
+            checkout = tmp_path_factory.mktemp(Path(notebook).stem) / "checkout"
+            checkout_copy(checkout)
+            (checkout / "runs" / "quick").mkdir(parents=True)
+            proc = run([sys.executable, "-m", "papermill", notebook, f"runs/quick/{notebook}", "-p", "PROFILE",
+                        "quick", "-k", "python3", "--cwd", str(checkout)], cwd=checkout, timeout=1200)
+            done[notebook] = (checkout, proc)
+        return done[notebook]
+
+    return execute

@@ -12,19 +12,13 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from conftest import REPO_ROOT, animals_dir
+from conftest import REPO_ROOT, animals_dir, git, run
 
 NOTEBOOKS = [f"Assignment01_Part{n}_solution.ipynb" for n in (1, 2, 3)]
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 PROVISION = REPO_ROOT / "datasets" / "provision_fashion_mnist.sh"
 EXPORT = REPO_ROOT / "export_html.sh"
-
-
-def run(cmd, cwd=REPO_ROOT, env=None, timeout=300):
-    """Run a command; CompletedProcess with text stdout/stderr."""
-    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------------
@@ -127,37 +121,14 @@ def test_animals_check_accepts_a_folder_with_images(tmp_path):
 
 # --- profile isolation -----------------------------------------------------------------------------
 
-def git(*args, cwd):
-    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=cwd)
-
-
-def checkout_copy(dest):
-    """A committed copy of the working tree (tracked and untracked files, minus ignored ones), so that a
-    run in it can be checked with `git status` whatever else happens in the real checkout meanwhile."""
-    listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout
-    for name in filter(None, listed.split("\0")):
-        source = REPO_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    if animals_dir() is not None:
-        (dest / "datasets" / "Animals").symlink_to(animals_dir().resolve())
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
-        assert git(*args, cwd=dest).returncode == 0
-
-
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_quick_profile_leaves_the_checkout_clean(notebook, tmp_path):
+def test_quick_profile_leaves_the_checkout_clean(notebook, quick_profile_run):
     """As `make quick` does: the quick profile with its default output folder writes under runs/quick/ only."""
     if not (REPO_ROOT / notebook).is_file():
         pytest.skip(f"{notebook} is not written yet")
     if notebook.endswith("Part3_solution.ipynb") and animals_dir() is None:
         pytest.skip("Part 3 needs the Animals data (datasets/Animals or ANIMALS_DIR)")
-    checkout = tmp_path / "checkout"
-    checkout_copy(checkout)
-    (checkout / "runs" / "quick").mkdir(parents=True)
-    proc = run([sys.executable, "-m", "papermill", notebook, f"runs/quick/{notebook}", "-p", "PROFILE", "quick",
-                "-k", "python3", "--cwd", str(checkout)], cwd=checkout, timeout=900)
+    checkout, proc = quick_profile_run(notebook)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert git("status", "--porcelain", "--untracked-files=all", cwd=checkout).stdout == ""
     part = notebook.split("_")[1].lower()
