@@ -57,6 +57,10 @@ def table_rows(r):
     sid = f" (student ID {sid})" if sid is not None else ""
     mix = lookup(p3, "mixup", "alpha")
     mix = f" (α = {mix})" if mix is not None else ""
+    patience = lookup(p3, "augmentation", "with", "patience")
+    patience = f" (early-stopping patience {patience})" if patience is not None else ""
+    strong_k = lookup(p3, "adversarial", "pgd_strong_k")
+    restarts = lookup(p3, "adversarial", "pgd_restarts")
     return [
         ("1", "Q1.2 cross-entropy loss", lookup(p1, "q1_2", "ce_loss")),
         ("1", "Q1.2 loss with label smoothing α = 0.1", lookup(p1, "q1_2", "label_smoothing_loss")),
@@ -67,12 +71,16 @@ def table_rows(r):
         ("2", f"2.6 label smoothing, best by validation{alpha}, test accuracy", smooth.get("test_acc")),
         ("3", "default model, test accuracy", lookup(p3, "default", "test_acc")),
         ("3", f"3.4 best of the 12-run grid{arch3}, test accuracy", best3.get("test_acc")),
-        ("3", "3.6 with augmentation, test accuracy", lookup(p3, "augmentation", "with", "test_acc")),
+        ("3", f"3.6 with augmentation{patience}, test accuracy", lookup(p3, "augmentation", "with", "test_acc")),
         ("3", f"3.7 with mixup{mix}, test accuracy", lookup(p3, "mixup", "test_acc")),
+        ("3", "augmentation + mixup + cosine schedule, test accuracy", lookup(p3, "combined", "test_acc")),
         ("3", "3.8 best model: clean / FGSM / PGD / MIM accuracy",
          [lookup(p3, "attacks", k) for k in ("clean", "fgsm", "pgd", "mim")]),
         ("3", "3.9 adversarially trained: clean / FGSM / PGD / MIM accuracy",
          [lookup(p3, "adversarial", k) for k in ("clean", "fgsm", "pgd", "mim")]),
+        ("3", f"3.9 adversarially trained: PGD-{strong_k or 'k'} / PGD-20 with {restarts or 'n'} random restarts"
+              " / worst case over every attack",
+         [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")]),
         ("3", "3.10 SAM, test accuracy", lookup(p3, "sam", "test_acc")),
     ]
 
