@@ -19,7 +19,8 @@ REQUIRED = {
     "default": {"test_acc"},
     "skip": {"with", "without"},
     "best": {"num_blocks", "use_skip", "learning_rate", "val_acc", "test_acc", "model"},
-    "augmentation": {"with", "without"},
+    "augmentation": {"with", "without", "runs"},
+    "combined": {"mixup_alpha", "val_acc", "test_acc", "model", "epochs_run"},
     "mixup": {"alpha", "val_acc", "test_acc", "model", "runs"},
     "attacks": {"model", "clean", "fgsm", "pgd", "mim"},
     "adversarial": {"model", "clean", "fgsm", "pgd", "mim"},
@@ -49,20 +50,23 @@ def check_keys(results):
 
 
 @needs_animals
-def test_quick_profile_records_every_key(tmp_path):
-    import papermill
-
-    papermill.execute_notebook(
-        str(NOTEBOOK), str(tmp_path / "part3.ipynb"), kernel_name="python3", cwd=str(ROOT),
-        parameters=dict(PROFILE="quick", OUTPUT_DIR=str(tmp_path)), progress_bar=False)
-    results = json.loads((tmp_path / "results" / "part3.json").read_text())
+def test_quick_profile_records_every_key(quick_profile_run):
+    """The session's shared quick-profile run (see conftest): every key, every model under runs/quick/."""
+    checkout, proc = quick_profile_run(NOTEBOOK.name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = checkout / "runs" / "quick"
+    results = json.loads((out / "results" / "part3.json").read_text())
+    assert results["profile"] == "quick"
     check_keys(results)
-    for entry in ("best", "mixup", "attacks", "adversarial", "sam"):
-        assert Path(results[entry]["model"]).is_file(), entry
-        assert str(results[entry]["model"]).startswith(str(tmp_path))
+    for entry in ("best", "mixup", "combined", "attacks", "adversarial", "sam"):
+        path = Path(results[entry]["model"])
+        assert path.parts[:2] == ("runs", "quick"), (entry, path)
+        assert (checkout / path).is_file(), entry
+    assert {run["patience"] for run in results["augmentation"]["runs"]} == {1, 2}
+    assert {run["variant"] for run in results["adversarial"]["runs"]} == {"plain", "augmented"}
     for name in ("Part3_Sec3_4_best", "Part3_Sec3_6_augmented", "Part3_Sec3_7_mixup",
                  "Part3_Sec3_9_robust", "Part3_Sec3_10_sam"):
-        assert (tmp_path / "models" / f"{name}.h5").is_file(), name
+        assert (out / "models" / f"{name}.h5").is_file(), name
 
 
 committed = pytest.mark.skipif(not RESULTS.is_file(), reason="results/part3.json not committed yet")
@@ -97,6 +101,8 @@ def test_committed_models_reproduce_recorded_accuracies():
     checks = [(results["best"]["model"], results["best"]["test_acc"]),
               (results["augmentation"]["with"]["model"], results["augmentation"]["with"]["test_acc"]),
               (results["mixup"]["model"], results["mixup"]["test_acc"]),
+              (results["combined"]["model"], results["combined"]["test_acc"]),
+              *[(run["model"], run["test_acc"]) for run in results["augmentation"]["runs"]],
               (results["sam"]["model"], results["sam"]["test_acc"]),
               (results["adversarial"]["model"], results["adversarial"]["clean"]),
               (results["attacks"]["model"], results["attacks"]["clean"])]
