@@ -1,27 +1,22 @@
-"""The Animals CNN study of FIT3181 Assignment 1 (2022), Part 3, in TensorFlow 2 / Keras 3.
+"""The course's module for Part 3 of FIT3181 Assignment 1 (2022): the Animals data and the CNNs.
 
 Reads top to bottom:
 
 1. Data: ``SimplePreprocessor``, ``create_label_folder_dict``, ``AnimalsDatasetManager``.
-2. The course baseline: ``DefaultModel``.
+2. The course baseline: ``DefaultModel`` (build, fit, evaluate, plot, save/load).
 3. ``YourModel``: blocks with batch norm, skip connection and dropout, augmentation, early stopping,
    and the training regularizers of Questions 3.7, 3.9 and 3.10 (mixup, PGD adversarial training,
-   SAM), all run by one ``keras.Model.train_step`` override (``RegularizedTrainer``).
-4. Attacks (Question 3.8): ``fgsm_attack``, ``pgd_attack``, ``mim_attack``, ``robust_accuracy``.
-5. Experiment cache: ``cached_fit`` trains once and reuses the saved model and history afterwards.
+   SAM), which live in ``training.py``.
+
+The attacks of Question 3.8 are in ``attacks.py``, the experiment cache in ``experiments.py``.
+Imports run one way: ``attacks`` <- ``training`` <- ``models`` <- ``experiments``.
 
 Conventions: images are float32 arrays of shape (N, H, W, C) with pixels in [-1, 1], RGB;
 labels are integer class indices of shape (N,); every network maps images to class
-probabilities (softmax output), so attacks use the cross-entropy ``-log p[y]``.
+probabilities (softmax output).
 """
-import hashlib
-import inspect
-import json
 import os
-import tempfile
-import time
 import warnings
-import weakref
 
 import cv2
 import matplotlib.pyplot as plt
@@ -31,6 +26,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from tensorflow import keras
 from tensorflow.keras import layers
+
+from report import plot_histories
+from storage import save_model
+from training import RegularizedTrainer, RobustValidation
 
 SEED = 1234
 """The default seed of weight initialisation, shuffling, augmentation and mixup."""
@@ -108,7 +107,7 @@ class AnimalsDatasetManager:
                 if verbose > 0 and count % verbose == 0:
                     print(f"Processed {count}/{max_num_images}")
         if skipped:
-            warnings.warn(f"Skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]!r}.")
+            warnings.warn(f"Skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]!r}.", stacklevel=2)
         self.data = np.array(images)
         self.labels = np.array(labels)
         return self.data, self.labels
@@ -249,10 +248,13 @@ class DefaultModel:
                 .prefetch(tf.data.AUTOTUNE))
 
     def _callbacks(self, data_manager, num_epochs):
+        """The callbacks that the model's own options need (early stopping, robust validation)."""
         return []
 
-    def fit(self, data_manager, batch_size=None, num_epochs=None):
+    def fit(self, data_manager, batch_size=None, num_epochs=None, callbacks=()):
         """Trains on ``data_manager.X_train`` and validates on ``X_valid`` after every epoch.
+
+        ``callbacks``: extra Keras callbacks, run after the model's own (e.g. a progress recorder).
 
         Returns and keeps ``self.history``: a dict of per-epoch lists (``loss``, ``accuracy``,
         ``val_loss``, ``val_accuracy`` and whatever the subclass adds). ``self.best_epoch`` is the
@@ -263,7 +265,7 @@ class DefaultModel:
         num_epochs = num_epochs or self.num_epochs
         keras.utils.set_random_seed(self.seed)
         total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
-        callbacks = self._callbacks(data_manager, num_epochs)
+        callbacks = [*self._callbacks(data_manager, num_epochs), *callbacks]
         trainer = self._trainer()
         trainer.compile(optimizer=self._make_optimizer(total_steps),
                         loss=keras.losses.CategoricalCrossentropy(),
@@ -297,19 +299,10 @@ class DefaultModel:
         return accuracy
 
     def plot_progress(self):
-        """Accuracy and loss per epoch, train and validation."""
+        """Accuracy and loss per epoch, train and validation (the kept epoch dotted, if any)."""
         if not self.history:
             raise RuntimeError("No history: call fit() first.")
-        epochs = np.arange(1, len(self.history['loss']) + 1)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for ax, metric in zip(axes, ['accuracy', 'loss']):
-            ax.plot(epochs, self.history[metric], label=f'train {metric}')
-            ax.plot(epochs, self.history[f'val_{metric}'], label=f'valid {metric}')
-            ax.set_xlabel('epoch')
-            ax.set_title(f'{self.name}: {metric}')
-            ax.legend()
-        plt.tight_layout()
-        plt.show()
+        plot_histories({self.name: self.history}, self.name, best_epochs={self.name: self.best_epoch})
 
     def plot_prediction(self, X, y, classes, tile_shape=(5, 5), seed=SEED):
         """A grid of random images titled with prediction and truth (red where wrong)."""
@@ -331,27 +324,12 @@ class DefaultModel:
     def save(self, path):
         """Writes ``self.model`` to ``path`` (``.h5``) atomically: temporary file, then rename."""
         self._require_model()
-        atomic_save_model(self.model, path)
+        save_model(self.model, path)
 
     def load(self, path):
         """Loads a model saved by ``save`` (or any ``.h5`` Keras model) into ``self.model``."""
         self.model = keras.models.load_model(path, compile=False)
         return self.model
-
-
-def atomic_save_model(model, path):
-    """``model.save(path)`` through a temporary file in the same folder, then ``os.replace``.
-    The optimizer state is left out: the file holds the trained network only (a third the size)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.h5', dir=folder)
-    os.close(fd)
-    try:
-        model.save(tmp, include_optimizer=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,325 +477,3 @@ class YourModel(DefaultModel):
                 monitor='val_accuracy', mode='max', patience=self.patience,
                 restore_best_weights=True, verbose=int(self.verbose)))
         return callbacks
-
-
-def mixup_batch(x, y, lam, permutation):
-    """Mixup of a batch with a permutation of itself (Zhang et al. 2018).
-
-    x: (N, H, W, C) images, y: (N, K) one-hot or soft labels, lam: scalar in [0, 1],
-    permutation: (N,) int indices. Returns lam * x + (1 - lam) * x[perm] and the same for y.
-    """
-    lam = tf.cast(lam, x.dtype)
-    x_mixed = lam * x + (1.0 - lam) * tf.gather(x, permutation)
-    y_mixed = lam * y + (1.0 - lam) * tf.gather(y, permutation)
-    return x_mixed, y_mixed
-
-
-def sample_beta(alpha):
-    """One draw of lambda ~ Beta(alpha, alpha), as the ratio of two Gamma(alpha) draws."""
-    a = tf.random.gamma([], alpha)
-    b = tf.random.gamma([], alpha)
-    return a / (a + b)
-
-
-class RegularizedTrainer(keras.Model):
-    """Trains a plain network ``net`` with mixup, PGD adversarial examples and/or SAM.
-
-    A thin ``keras.Model`` around ``net`` whose only change is ``train_step`` ("customizing
-    what happens in fit()"): ``call`` is ``net``'s, the weights are ``net``'s, validation is the
-    default ``test_step`` on clean data, and ``net`` itself is saved. Per training batch, in
-    this order: mixup, then PGD on the (mixed) batch, then one SAM or plain gradient step.
-    """
-
-    def __init__(self, net, mixup_alpha=0.0, adv_eps=0.0, adv_k=10, adv_eta=0.002, sam_rho=0.0):
-        super().__init__(name=f'{net.name}_trainer')
-        self.net = net
-        self.mixup_alpha = float(mixup_alpha)
-        self.adv_eps = float(adv_eps)
-        self.adv_k = int(adv_k)
-        self.adv_eta = float(adv_eta)
-        self.sam_rho = float(sam_rho)
-        self.logits = logits_model(net)
-
-    def call(self, x, training=False):
-        return self.net(x, training=training)
-
-    def train_step(self, data):
-        x, y = data
-        if self.mixup_alpha:
-            lam = sample_beta(self.mixup_alpha)
-            x, y = mixup_batch(x, y, lam, tf.random.shuffle(tf.range(tf.shape(x)[0])))
-        if self.adv_eps:
-            start = x + tf.random.uniform(tf.shape(x), -self.adv_eps, self.adv_eps)
-            x = pgd_loop(self.logits, x, y, tf.clip_by_value(start, -1.0, 1.0),
-                         self.adv_eps, self.adv_eta, self.adv_k)
-        if self.sam_rho:
-            loss, y_pred, grads = self._sam_gradients(x, y)
-        else:
-            loss, y_pred, grads = self._gradients(x, y)
-        self.optimizer.apply(grads, self.trainable_variables)
-        for metric in self.metrics:
-            if metric.name == 'loss':
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
-        return {m.name: m.result() for m in self.metrics}
-
-    def _gradients(self, x, y):
-        """Loss, predictions and gradients of the batch at the current weights."""
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-        return loss, y_pred, tape.gradient(loss, self.trainable_variables)
-
-    def _sam_gradients(self, x, y):
-        """SAM (Foret et al. 2021, Algorithm 1): gradient g at w, ascent to w + rho g / ||g||,
-        gradient there, back to w. The loss and predictions reported are those at w.
-
-        Batch norm: both passes normalise with the batch's statistics (training mode), but only
-        the first pass may update the moving mean and variance; the perturbed pass's update is
-        undone, so the running statistics describe the weights w that are kept.
-        """
-        loss, y_pred, grads = self._gradients(x, y)
-        variables = self.trainable_variables
-        norm = tf.linalg.global_norm(grads) + 1e-12
-        steps = [self.sam_rho * g / norm for g in grads]
-        moving = [tf.identity(v) for v in self.net.non_trainable_variables]
-        for v, e in zip(variables, steps):
-            v.assign_add(e)
-        _, _, sharp_grads = self._gradients(x, y)
-        for v, e in zip(variables, steps):
-            v.assign_sub(e)
-        for v, value in zip(self.net.non_trainable_variables, moving):
-            v.assign(value)
-        return loss, y_pred, sharp_grads
-
-
-class RobustValidation(keras.callbacks.Callback):
-    """Adds ``val_pgd_accuracy`` (PGD-k accuracy on the validation set) to each epoch's logs."""
-
-    def __init__(self, X_valid, y_valid, eps, k, eta, batch_size=500):
-        super().__init__()
-        self.X_valid, self.y_valid = X_valid, y_valid
-        self.attack_kwargs = dict(eps=eps, k=k, eta=eta)
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, epoch, logs=None):
-        net = getattr(self.model, 'net', self.model)
-        accuracy = robust_accuracy(net, self.X_valid, self.y_valid, pgd_attack,
-                                   batch_size=self.batch_size, **self.attack_kwargs)
-        if logs is not None:
-            logs['val_pgd_accuracy'] = accuracy
-        if self.params.get('verbose'):
-            print(f" - val_pgd_accuracy: {accuracy:.4f}")
-
-
-# --------------------------------------------------------------------------------------------------
-# 4. Attacks: untargeted, L-infinity, on the cross-entropy of the true label
-# --------------------------------------------------------------------------------------------------
-CLIP_MIN, CLIP_MAX = -1.0, 1.0
-
-
-def logits_model(model):
-    """A callable (N, H, W, C) -> (N, K) logits for a model whose last layer applies softmax.
-
-    Attacks differentiate the cross-entropy through the logits, not through the probabilities:
-    a confident softmax saturates at 1.0 in float32 and its gradient vanishes, which would make
-    an undefended model look robust (gradient masking). Falls back to log-probabilities when the
-    last layer is not a softmax (then log_softmax(log p) = log p, the same loss).
-    """
-    last = model.layers[-1]
-    body = keras.Model(model.inputs[0], last.input)  # a Sequential has no .input until called symbolically
-    if isinstance(last, layers.Activation) and last.activation is keras.activations.softmax:
-        return body
-    if isinstance(last, layers.Dense) and last.activation is keras.activations.softmax:
-        return lambda x, training=False: tf.matmul(body(x, training=training), last.kernel) + last.bias
-    return lambda x, training=False: tf.math.log(tf.maximum(model(x, training=training), 1e-30))
-
-
-def input_gradient(logits_fn, x, y):
-    """Gradient of the summed cross-entropy w.r.t. x; y: (N, K) one-hot or soft labels.
-    Batch norm and dropout run in inference mode."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=logits_fn(x, training=False))
-    return tape.gradient(loss, x)
-
-
-def project(x_adv, x, eps):
-    """Projection onto the L-infinity ball of radius eps around x and onto [CLIP_MIN, CLIP_MAX]."""
-    return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), CLIP_MIN, CLIP_MAX)
-
-
-def pgd_loop(logits_fn, x, y, x_start, eps, eta, k):
-    """k steps x <- Proj(x + eta * sign(grad)) from x_start (Madry et al. 2018); y one-hot."""
-    def step(i, x_adv):
-        return i + 1, project(x_adv + eta * tf.sign(input_gradient(logits_fn, x_adv, y)), x, eps)
-    _, x_adv = tf.while_loop(lambda i, _: i < k, step, (tf.constant(0), project(x_start, x, eps)))
-    return tf.stop_gradient(x_adv)
-
-
-def mim_loop(logits_fn, x, y, eps, eta, k, decay):
-    """MI-FGSM (Dong et al. 2018): momentum g <- decay * g + grad / ||grad||_1 (per image),
-    then x <- Proj(x + eta * sign(g)); k steps from x; y one-hot."""
-    def step(i, x_adv, momentum):
-        grad = input_gradient(logits_fn, x_adv, y)
-        l1 = tf.reduce_mean(tf.abs(grad), axis=[1, 2, 3], keepdims=True)
-        momentum = decay * momentum + grad / tf.maximum(l1, 1e-12)
-        return i + 1, project(x_adv + eta * tf.sign(momentum), x, eps), momentum
-    _, x_adv, _ = tf.while_loop(lambda i, *_: i < k, step, (tf.constant(0), x, tf.zeros_like(x)))
-    return tf.stop_gradient(x_adv)
-
-
-_COMPILED_ATTACKS = weakref.WeakKeyDictionary()
-
-
-def _compiled(model):
-    """The attacks compiled once per model (``tf.function`` with a fixed input signature, so
-    batches of any size, eps, eta and k reuse one graph)."""
-    if model not in _COMPILED_ATTACKS:
-        logits_fn = logits_model(model)
-        images = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
-        labels = tf.TensorSpec([None], tf.int32)
-        scalar, count = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)
-        num_classes = model.output_shape[-1]
-
-        @tf.function(input_signature=[images, labels, scalar])
-        def fgsm(x, y, eps):
-            grad = input_gradient(logits_fn, x, tf.one_hot(y, num_classes))
-            return project(x + eps * tf.sign(grad), x, eps)
-
-        @tf.function(input_signature=[images, labels, images, scalar, scalar, count])
-        def pgd(x, y, x_start, eps, eta, k):
-            return pgd_loop(logits_fn, x, tf.one_hot(y, num_classes), x_start, eps, eta, k)
-
-        @tf.function(input_signature=[images, labels, scalar, scalar, count, scalar])
-        def mim(x, y, eps, eta, k, decay):
-            return mim_loop(logits_fn, x, tf.one_hot(y, num_classes), eps, eta, k, decay)
-
-        _COMPILED_ATTACKS[model] = dict(fgsm=fgsm, pgd=pgd, mim=mim)
-    return _COMPILED_ATTACKS[model]
-
-
-def _as_tensors(x, y):
-    return tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(np.asarray(y), tf.int32)
-
-
-def fgsm_attack(model, x, y, eps=0.0313):
-    """FGSM (Goodfellow et al. 2015): x + eps * sign(grad), clipped to [-1, 1].
-    x: (N, H, W, C) in [-1, 1]; y: (N,) int labels. Returns a (N, H, W, C) float32 tensor."""
-    x, y = _as_tensors(x, y)
-    return _compiled(model)['fgsm'](x, y, float(eps))
-
-
-def pgd_attack(model, x, y, eps=0.0313, k=20, eta=0.002, random_start=False, seed=None):
-    """PGD (Madry et al. 2018): k signed-gradient steps of size eta, each projected onto the eps
-    ball around x and onto [-1, 1]; ``random_start`` starts from a uniform point in the ball."""
-    x, y = _as_tensors(x, y)
-    start = x
-    if random_start:
-        start = x + tf.random.uniform(tf.shape(x), -eps, eps, seed=seed)
-    return _compiled(model)['pgd'](x, y, start, float(eps), float(eta), int(k))
-
-
-def mim_attack(model, x, y, eps=0.0313, k=20, eta=0.002, decay=1.0):
-    """MIM (Dong et al. 2018): PGD steps along the sign of the momentum of L1-normalised
-    gradients, with decay factor ``decay``."""
-    x, y = _as_tensors(x, y)
-    return _compiled(model)['mim'](x, y, float(eps), float(eta), int(k), float(decay))
-
-
-def robust_correct(model, x, y, attack, batch_size=500, **attack_kwargs):
-    """(N,) bools: is ``model`` right on ``attack(model, x_batch, y_batch, **attack_kwargs)``?
-    Batched; ``attack=None`` checks the clean images."""
-    y = np.asarray(y)
-    correct = []
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        if attack is not None:
-            xb = attack(model, xb, yb, **attack_kwargs)
-        correct.append(np.argmax(model(xb, training=False), axis=1) == yb)
-    return np.concatenate(correct)
-
-
-def robust_accuracy(model, x, y, attack, batch_size=500, **attack_kwargs):
-    """Accuracy of ``model`` under ``attack`` (see ``robust_correct``), a float in [0, 1]."""
-    return float(np.mean(robust_correct(model, x, y, attack, batch_size, **attack_kwargs)))
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Experiment cache
-# --------------------------------------------------------------------------------------------------
-TRAINING_CODE = (DefaultModel, YourModel, build_augmenter, mixup_batch, sample_beta,
-                 RegularizedTrainer, RobustValidation, logits_model, input_gradient, project,
-                 pgd_loop, robust_correct, robust_accuracy, pgd_attack, _compiled)
-
-
-def _source_hash(objects):
-    return hashlib.sha256(''.join(inspect.getsource(obj) for obj in objects).encode()).hexdigest()
-
-
-_TRAINING_CODE_HASH = _source_hash(TRAINING_CODE)  # read at import: the code this process runs
-
-
-def training_code_hash():
-    """sha256 of the source of everything that trains a model: a change invalidates the cache.
-
-    Computed when the module is imported, so an edit of the file during a long run cannot change
-    the key of the experiments that the already-imported code trains."""
-    return _TRAINING_CODE_HASH
-
-
-def data_fingerprint(data_manager):
-    """sha256 of the training and validation images and labels a model is trained on."""
-    digest = hashlib.sha256()
-    for array in (data_manager.X_train, data_manager.y_train,
-                  data_manager.X_valid, data_manager.y_valid):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def atomic_write_json(obj, path):
-    """json.dump to ``path`` through a temporary file and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.json', dir=folder)
-    with os.fdopen(fd, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def cached_fit(network, data_manager, model_path, meta_path, batch_size=None, num_epochs=None,
-               force=False):
-    """Builds and trains ``network``, or reuses what an identical earlier run saved.
-
-    The cache entry is the model at ``model_path`` (``.h5``) and, at ``meta_path`` (JSON), its
-    history, training time and key: the network's configuration, the fit arguments, the data
-    fingerprint and ``training_code_hash()``. A different key (or ``force``) retrains; files are
-    written atomically, so an interrupted run leaves the previous entry or none.
-    Returns the metadata dict (``history``, ``seconds``, ``epochs_run``, ``best_epoch``, ``cached``).
-    """
-    config = dict(network.get_config(), fit_batch_size=batch_size or network.batch_size,
-                  fit_num_epochs=num_epochs or network.num_epochs)
-    key = hashlib.sha256(json.dumps(
-        [config, data_fingerprint(data_manager), training_code_hash()], sort_keys=True,
-        default=str).encode()).hexdigest()
-    if not force and os.path.exists(model_path) and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get('key') == key:
-            network.load(model_path)
-            network.history, network.best_epoch = meta['history'], meta['best_epoch']
-            print(f"Reusing cached {network.name}: {model_path} (trained {meta['epochs_run']} "
-                  f"epochs in {meta['seconds']:.0f} s; set FORCE_RETRAIN = True to retrain).")
-            return dict(meta, cached=True)
-        print(f"Cache entry {model_path} is stale (configuration, data or code changed): retraining.")
-    network.build_cnn()
-    started = time.perf_counter()
-    network.fit(data_manager, batch_size=batch_size, num_epochs=num_epochs)
-    seconds = time.perf_counter() - started
-    network.save(model_path)
-    meta = dict(key=key, config=config, history=network.history, seconds=seconds,
-                epochs_run=len(network.history['loss']), best_epoch=network.best_epoch)
-    atomic_write_json(meta, meta_path)
-    return dict(meta, cached=False)

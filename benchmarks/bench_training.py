@@ -8,8 +8,8 @@ epochs; the median epoch time is reported as a ratio to clean training. An epoch
 training pass alone (first batch to the start of validation) and the whole epoch (with validation, and
 for adversarial training the per-epoch PGD validation that picks the checkpoint).
 
-Then our PGD-20 (``models.pgd_attack``) and cleverhans 4.0.0's ``projected_gradient_descent`` (tf2,
-``rand_init=False``, model_fn = ``models.logits_model``) attack the 500 test images with the clean model
+Then our PGD-20 (``attacks.pgd_attack``) and cleverhans 4.0.0's ``projected_gradient_descent`` (tf2,
+``rand_init=False``, model_fn = ``attacks.logits_model``) attack the 500 test images with the clean model
 (one warm-up call each, then the median of ``--repeats`` calls).
 
 Targets (issue 4, 2 CPU cores): SAM <= 2.1x clean, PGD-10 adversarial training <= 6x clean, our PGD-20
@@ -38,7 +38,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import attacks  # noqa: E402
 import models  # noqa: E402
+from storage import write_json  # noqa: E402
 
 EPS, ETA = 0.0313, 0.002
 BASE = dict(num_blocks=3, feature_maps=32, num_classes=10, batch_norm=True, use_skip=True, drop_rate=0.2,
@@ -112,11 +114,9 @@ def time_training(name, options, manager, epochs):
     net = models.YourModel(**BASE, **options)
     net.build_cnn()
     timer = EpochTimer()
-    callbacks = net._callbacks
-    # the timer runs last, after RobustValidation's per-epoch PGD evaluation
-    net._callbacks = lambda data_manager, num_epochs: callbacks(data_manager, num_epochs) + [timer]
     print(f"{name}: 1 warm-up + {epochs} timed epochs", flush=True)
-    net.fit(manager, num_epochs=1 + epochs)
+    # extra callbacks run last: the timer sees RobustValidation's per-epoch PGD evaluation
+    net.fit(manager, num_epochs=1 + epochs, callbacks=[timer])
     return dict(train_s=statistics.median(timer.train[1:]), epoch_s=statistics.median(timer.epoch[1:]),
                 train_all_s=timer.train, epoch_all_s=timer.epoch,
                 final_val_accuracy=net.history["val_accuracy"][-1]), net
@@ -136,8 +136,8 @@ def time_call(function, repeats):
 def time_pgd(model, x, y, repeats):
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
-    logits_fn = models.logits_model(model)
-    ours_s, ours = time_call(lambda: models.pgd_attack(model, x, y, eps=EPS, k=20, eta=ETA), repeats)
+    logits_fn = attacks.logits_model(model)
+    ours_s, ours = time_call(lambda: attacks.pgd_attack(model, x, y, eps=EPS, k=20, eta=ETA), repeats)
     theirs_s, theirs = time_call(lambda: projected_gradient_descent(
         logits_fn, tf.constant(x), EPS, ETA, 20, np.inf, clip_min=-1.0, clip_max=1.0,
         y=tf.constant(y), rand_init=False), repeats)
@@ -162,7 +162,7 @@ def markdown(result):
     if "pgd20" in result:
         p = result["pgd20"]
         lines += ["", "| PGD-20 on the test images | seconds | |", "|---|---:|---|",
-                  f"| ours (`models.pgd_attack`) | {p['ours_s']:.2f} | |",
+                  f"| ours (`attacks.pgd_attack`) | {p['ours_s']:.2f} | |",
                   f"| cleverhans `projected_gradient_descent` | {p['cleverhans_s']:.2f} | |",
                   f"| speed-up (cleverhans / ours) | {p['speedup']:.2f}x | target >= {PGD_TARGET}x |",
                   "", f"{p['images']} images; {p['pixels_agree']:.2%} of pixels agree (atol 1e-6)."]
@@ -199,7 +199,7 @@ def main(argv=None):
         result["pgd20"] = time_pgd(clean_net.model, manager.X_test, manager.y_test, args.repeats)
     result["load_average_at_end"] = list(os.getloadavg())
     result["markdown"] = markdown(result)
-    models.atomic_write_json(result, args.out)
+    write_json(result, args.out)
     print(result["markdown"])
     print(f"\nWritten to {args.out}")
     return result

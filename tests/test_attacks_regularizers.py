@@ -1,8 +1,8 @@
-"""models.py, part 2 (issue 4): FGSM/PGD/MIM attacks, mixup, PGD adversarial training and SAM.
+"""attacks.py and training.py: FGSM/PGD/MIM attacks, mixup, PGD adversarial training and SAM.
 
-- Attacks are cross-checked against cleverhans 4.0.0 (tf2), given ``models.logits_model(net)`` as
+- Attacks are cross-checked against cleverhans 4.0.0 (tf2), given ``attacks.logits_model(net)`` as
   ``model_fn``: cleverhans's default loss is the softmax cross-entropy of the logits, the same
-  objective as models.py's. k = 20 steps, as in the assignment.
+  objective as attacks.py's. k = 20 steps, as in the assignment.
 - Properties (hypothesis): eps ball, pixel range, eps = 0, PGD at least as strong as FGSM.
 - Mixup and SAM against formulas computed here in numpy; adversarial training against clean training.
 
@@ -13,14 +13,11 @@ erases; adversarial training shifts weight to the patch. That gives the adversar
 margin to find within two short epochs.
 """
 import os
-import sys
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -33,7 +30,9 @@ from hypothesis import strategies as st  # noqa: E402
 from scipy import stats  # noqa: E402
 from tensorflow import keras  # noqa: E402
 
+import attacks  # noqa: E402
 import models  # noqa: E402
+import training  # noqa: E402
 from models import AnimalsDatasetManager, YourModel  # noqa: E402
 
 EPS, K, ETA = 0.0313, 20, 0.002
@@ -100,32 +99,32 @@ def test_model_is_trained_and_attackable(clean_net, batch):
     """The cross-checks below compare attacks that actually change predictions."""
     x, y = batch
     model = clean_net.model
-    clean = models.robust_accuracy(model, x, y, None)
-    attacked = models.robust_accuracy(model, x, y, models.pgd_attack, eps=EPS, k=K, eta=ETA)
+    clean = attacks.robust_accuracy(model, x, y, None)
+    attacked = attacks.robust_accuracy(model, x, y, attacks.pgd_attack, eps=EPS, k=K, eta=ETA)
     assert clean >= 0.6
     assert attacked < clean - 0.1
 
 
 def test_fgsm_matches_cleverhans(clean_net, batch):
     x, y = batch
-    ours = models.fgsm_attack(clean_net.model, x, y, eps=EPS)
-    theirs = fast_gradient_method(models.logits_model(clean_net.model), tf.constant(x), EPS, np.inf,
+    ours = attacks.fgsm_attack(clean_net.model, x, y, eps=EPS)
+    theirs = fast_gradient_method(attacks.logits_model(clean_net.model), tf.constant(x), EPS, np.inf,
                                   clip_min=-1.0, clip_max=1.0, y=tf.constant(y))
     assert_matches(ours, theirs, clean_net.model)
 
 
 def test_pgd_matches_cleverhans(clean_net, batch):
     x, y = batch
-    ours = models.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, random_start=False)
-    theirs = projected_gradient_descent(models.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
+    ours = attacks.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, random_start=False)
+    theirs = projected_gradient_descent(attacks.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
                                         clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
     assert_matches(ours, theirs, clean_net.model)
 
 
 def test_mim_matches_cleverhans(clean_net, batch):
     x, y = batch
-    ours = models.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, decay=1.0)
-    theirs = momentum_iterative_method(models.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
+    ours = attacks.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, decay=1.0)
+    theirs = momentum_iterative_method(attacks.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
                                        clip_min=-1.0, clip_max=1.0, y=tf.constant(y), decay_factor=1.0,
                                        sanity_checks=False)
     assert_matches(ours, theirs, clean_net.model)
@@ -134,16 +133,16 @@ def test_mim_matches_cleverhans(clean_net, batch):
 def test_attacks_differ_from_each_other(clean_net, batch):
     """Guards the cross-checks against a shared mistake: FGSM, PGD and MIM are different points."""
     x, y = batch
-    fgsm = np.asarray(models.fgsm_attack(clean_net.model, x, y, eps=EPS))
-    pgd = np.asarray(models.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
-    mim = np.asarray(models.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
+    fgsm = np.asarray(attacks.fgsm_attack(clean_net.model, x, y, eps=EPS))
+    pgd = np.asarray(attacks.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
+    mim = np.asarray(attacks.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA))
     assert np.mean(np.isclose(fgsm, pgd, atol=1e-6)) < 0.9
     assert np.mean(np.isclose(pgd, mim, atol=1e-6)) < 0.99
 
 
 def test_logits_model_gives_the_softmax_inputs(clean_net, batch):
     x, _ = batch
-    logits = models.logits_model(clean_net.model)(x)
+    logits = attacks.logits_model(clean_net.model)(x)
     np.testing.assert_allclose(tf.nn.softmax(logits), clean_net.model(x, training=False), atol=1e-6)
 
 
@@ -152,7 +151,7 @@ def test_logits_model_of_a_dense_softmax_model():
     net = models.DefaultModel(num_classes=3, verbose=False)
     model = net.build_cnn()
     x = np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
-    logits = models.logits_model(model)(x)
+    logits = attacks.logits_model(model)(x)
     np.testing.assert_allclose(tf.nn.softmax(logits), model(x, training=False), atol=1e-6)
 
 
@@ -161,8 +160,8 @@ def test_attacks_on_the_baseline_sequential_model():
     model = models.DefaultModel(num_classes=3, verbose=False).build_cnn()
     rng = np.random.RandomState(1)
     x, y = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), rng.randint(0, 3, 8)
-    ours = models.pgd_attack(model, x, y, eps=EPS, k=5, eta=ETA)
-    theirs = projected_gradient_descent(models.logits_model(model), tf.constant(x), EPS, ETA, 5, np.inf,
+    ours = attacks.pgd_attack(model, x, y, eps=EPS, k=5, eta=ETA)
+    theirs = projected_gradient_descent(attacks.logits_model(model), tf.constant(x), EPS, ETA, 5, np.inf,
                                         clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
     assert_matches(ours, theirs, model)
 
@@ -180,11 +179,11 @@ def random_images(seed, n, saturated):
 
 
 ATTACKS = {
-    "fgsm": lambda model, x, y, eps: models.fgsm_attack(model, x, y, eps=eps),
-    "pgd": lambda model, x, y, eps: models.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA),
-    "pgd_random_start": lambda model, x, y, eps: models.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA,
+    "fgsm": lambda model, x, y, eps: attacks.fgsm_attack(model, x, y, eps=eps),
+    "pgd": lambda model, x, y, eps: attacks.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA),
+    "pgd_random_start": lambda model, x, y, eps: attacks.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA,
                                                                    random_start=True),
-    "mim": lambda model, x, y, eps: models.mim_attack(model, x, y, eps=eps, k=5, eta=ETA),
+    "mim": lambda model, x, y, eps: attacks.mim_attack(model, x, y, eps=eps, k=5, eta=ETA),
 }
 
 
@@ -211,7 +210,7 @@ def test_eps_zero_returns_x(clean_net, name, seed, n):
 def test_attacks_move_most_pixels_to_the_ball_surface(clean_net, batch):
     """FGSM moves every pixel by exactly eps (unless clipped): the attack is not a no-op."""
     x, y = batch
-    adv = np.asarray(models.fgsm_attack(clean_net.model, x, y, eps=EPS))
+    adv = np.asarray(attacks.fgsm_attack(clean_net.model, x, y, eps=EPS))
     inside = (x > -1 + EPS) & (x < 1 - EPS)
     np.testing.assert_allclose(np.abs(adv - x)[inside], EPS, atol=1e-6)
 
@@ -222,31 +221,31 @@ def test_pgd_at_least_as_strong_as_fgsm(clean_net, data, eps):
     """k * eta = 0.04 >= eps: PGD-20 can reach every point FGSM reaches, so it finds at least as many
     adversarial examples, up to a few images where FGSM's single large step happens to win."""
     x, y = data.X_valid, data.y_valid
-    pgd = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, eps=eps, k=K, eta=ETA)
-    fgsm = models.robust_accuracy(clean_net.model, x, y, models.fgsm_attack, eps=eps)
+    pgd = attacks.robust_accuracy(clean_net.model, x, y, attacks.pgd_attack, eps=eps, k=K, eta=ETA)
+    fgsm = attacks.robust_accuracy(clean_net.model, x, y, attacks.fgsm_attack, eps=eps)
     assert pgd <= fgsm + 0.02
 
 
 def test_robust_accuracy_batches_and_clean_accuracy(clean_net, data):
     x, y = data.X_valid, data.y_valid
-    assert models.robust_accuracy(clean_net.model, x, y, None, batch_size=7) == clean_net.compute_accuracy(x, y)
-    whole = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, eps=EPS, k=5, eta=ETA)
-    batched = models.robust_accuracy(clean_net.model, x, y, models.pgd_attack, batch_size=32, eps=EPS, k=5, eta=ETA)
+    assert attacks.robust_accuracy(clean_net.model, x, y, None, batch_size=7) == clean_net.compute_accuracy(x, y)
+    whole = attacks.robust_accuracy(clean_net.model, x, y, attacks.pgd_attack, eps=EPS, k=5, eta=ETA)
+    batched = attacks.robust_accuracy(clean_net.model, x, y, attacks.pgd_attack, batch_size=32, eps=EPS, k=5, eta=ETA)
     assert whole == batched
 
 
 def test_attacks_do_not_retrace_across_batch_sizes():
     model = net_of(num_blocks=1, feature_maps=4).build_cnn()
-    compiled = models._compiled(model)
+    compiled = attacks._compiled(model)
     for n in (5, 7, 3):
         x, y = random_images(n, n, 0.0)
-        models.fgsm_attack(model, x, y, eps=EPS)
-        models.pgd_attack(model, x, y, eps=EPS, k=3, eta=ETA)
-        models.pgd_attack(model, x, y, eps=0.01, k=4, eta=0.001, random_start=True)
-        models.mim_attack(model, x, y, eps=EPS, k=3, eta=ETA)
+        attacks.fgsm_attack(model, x, y, eps=EPS)
+        attacks.pgd_attack(model, x, y, eps=EPS, k=3, eta=ETA)
+        attacks.pgd_attack(model, x, y, eps=0.01, k=4, eta=0.001, random_start=True)
+        attacks.mim_attack(model, x, y, eps=EPS, k=3, eta=ETA)
     for name in ("fgsm", "pgd", "mim"):
         assert compiled[name].experimental_get_tracing_count() == 1, name
-    assert models._compiled(model) is compiled
+    assert attacks._compiled(model) is compiled
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,18 +256,18 @@ def test_mixup_batch_is_the_exact_convex_combination():
     x = rng.uniform(-1, 1, (5, 4, 4, 3)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[rng.randint(0, 3, 5)]
     lam, perm = 0.3, np.array([2, 0, 4, 1, 3])
-    x_mixed, y_mixed = models.mixup_batch(tf.constant(x), tf.constant(y), lam, tf.constant(perm))
+    x_mixed, y_mixed = training.mixup_batch(tf.constant(x), tf.constant(y), lam, tf.constant(perm))
     np.testing.assert_allclose(x_mixed, np.float32(lam) * x + np.float32(1 - lam) * x[perm], rtol=0, atol=1e-7)
     np.testing.assert_allclose(y_mixed, np.float32(lam) * y + np.float32(1 - lam) * y[perm], rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.sum(y_mixed, axis=1), 1.0, atol=1e-6)
-    same_x, same_y = models.mixup_batch(tf.constant(x), tf.constant(y), 1.0, tf.constant(perm))
+    same_x, same_y = training.mixup_batch(tf.constant(x), tf.constant(y), 1.0, tf.constant(perm))
     np.testing.assert_array_equal(same_x, x)
     np.testing.assert_array_equal(same_y, y)
 
 
 def test_mixup_lambda_is_beta_distributed():
     tf.random.set_seed(0)
-    draws = np.array([float(models.sample_beta(0.2)) for _ in range(400)])
+    draws = np.array([float(training.sample_beta(0.2)) for _ in range(400)])
     assert np.all((draws >= 0) & (draws <= 1))
     assert stats.kstest(draws, stats.beta(0.2, 0.2).cdf).pvalue > 0.01
     assert stats.kstest(draws, stats.uniform().cdf).pvalue < 0.01
@@ -307,7 +306,7 @@ def tiny_dense(seed=0, sequential=False):
 def test_sam_step_equals_hand_computed_update(rho, sequential):
     net, x, y, w, b = tiny_dense(sequential=sequential)
     lr = 0.1
-    trainer = models.RegularizedTrainer(net, sam_rho=rho)
+    trainer = training.RegularizedTrainer(net, sam_rho=rho)
     trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=lr), loss=keras.losses.CategoricalCrossentropy())
     history = trainer.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
 
@@ -334,7 +333,7 @@ def test_sam_updates_batch_norm_statistics_once():
         inputs = keras.Input((3,))
         bn = keras.layers.BatchNormalization(momentum=0.9)
         net = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(bn(inputs)))
-        trainer = models.RegularizedTrainer(net, sam_rho=rho) if rho else net
+        trainer = training.RegularizedTrainer(net, sam_rho=rho) if rho else net
         trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy())
         trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         moving_means.append(bn.moving_mean.numpy())
@@ -354,22 +353,24 @@ def adv_net(data):
     return net
 
 
+@pytest.mark.slow
 def test_adversarial_training_raises_pgd_accuracy(clean_net, adv_net, data):
     x, y = data.X_valid, data.y_valid
     robust = {}
     for name, net in [("clean", clean_net), ("adv", adv_net)]:
-        robust[name] = {k: models.robust_accuracy(net.model, x, y, models.pgd_attack, eps=EPS, k=k, eta=ETA)
+        robust[name] = {k: attacks.robust_accuracy(net.model, x, y, attacks.pgd_attack, eps=EPS, k=k, eta=ETA)
                         for k in (10, 20)}
     print(f"PGD validation accuracy, clean vs adversarial training: {robust}")
     assert robust["adv"][20] >= robust["clean"][20] + 0.05
     assert robust["adv"][10] > robust["clean"][10]
 
 
+@pytest.mark.slow
 def test_adversarial_training_keeps_the_most_robust_epoch(adv_net, data):
     history = adv_net.history
     assert len(history["val_pgd_accuracy"]) == len(history["val_accuracy"]) == 2
     assert adv_net.best_epoch == int(np.argmax(history["val_pgd_accuracy"])) + 1
-    kept = models.robust_accuracy(adv_net.model, data.X_valid, data.y_valid, models.pgd_attack,
+    kept = attacks.robust_accuracy(adv_net.model, data.X_valid, data.y_valid, attacks.pgd_attack,
                                   eps=EPS, k=adv_net.adv_val_k, eta=adv_net.adv_eta)
     assert kept == pytest.approx(max(history["val_pgd_accuracy"]), abs=1e-9)
 
@@ -388,6 +389,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_option_trains_and_round_trips_through_h5(option, data, tmp_path):
     small = manager_of(data.X_train[:64], data.y_train[:64], data.X_valid[:32], data.y_valid[:32])
@@ -401,9 +403,84 @@ def test_option_trains_and_round_trips_through_h5(option, data, tmp_path):
     trained = net.model.get_weights()
     changed = [not np.array_equal(a, b) for a, b in zip(initial, trained)]
     assert all(changed), "every weight (kernels, biases, BN statistics) of net.model is trained"
-    assert type(net.model) is not models.RegularizedTrainer and net.model.__class__.__name__ == "Functional"
+    assert type(net.model) is not training.RegularizedTrainer and net.model.__class__.__name__ == "Functional"
     path = str(tmp_path / f"{option}.h5")
     net.save(path)
     loaded = keras.models.load_model(path, compile=False)
     np.testing.assert_array_equal(np.asarray(loaded(small.X_valid, training=False)),
                                   np.asarray(net.model(small.X_valid, training=False)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The robustness evaluation (evaluate_robustness, eps_curve)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(clean_net, data):
+    x, y = data.X_valid[:120], data.y_valid[:120]
+    tf.random.set_seed(0)
+    accuracy, masks = attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, strong_k=8,
+                                                  restarts=3, batch_size=50)
+    return x, y, accuracy, masks
+
+
+def test_evaluation_equals_attacking_every_image(clean_net, report):
+    """Attacking only the clean-correct images gives the per-image results of attacking all of them
+    (and counting a clean mistake as not robust)."""
+    x, y, accuracy, masks = report
+    model = clean_net.model
+    clean = attacks.robust_correct(model, x, y, None)
+    np.testing.assert_array_equal(masks["clean"], clean)
+    for name, attack, kwargs in [("fgsm", attacks.fgsm_attack, dict(eps=EPS)),
+                                 ("pgd", attacks.pgd_attack, dict(eps=EPS, k=5, eta=ETA)),
+                                 ("mim", attacks.mim_attack, dict(eps=EPS, k=5, eta=ETA)),
+                                 ("pgd_strong", attacks.pgd_attack, dict(eps=EPS, k=8, eta=ETA))]:
+        np.testing.assert_array_equal(masks[name], clean & attacks.robust_correct(model, x, y, attack, **kwargs),
+                                      err_msg=name)
+    assert 0 < accuracy["pgd"] < accuracy["clean"], "the attacks must change some predictions for this test"
+
+
+def test_worst_case_is_the_and_of_every_attack_and_at_most_each(report):
+    _, _, accuracy, masks = report
+    attacks_run = [name for name in masks if name != "worst_case"]
+    assert attacks_run == ["clean", "fgsm", "pgd", "mim", "pgd_strong", "pgd_random_restarts"]
+    np.testing.assert_array_equal(masks["worst_case"], np.logical_and.reduce([masks[n] for n in attacks_run]))
+    assert all(accuracy["worst_case"] <= accuracy[name] for name in attacks_run)
+    assert accuracy == {name: float(mask.mean()) for name, mask in masks.items()}
+
+
+def test_more_restarts_never_raise_robust_accuracy(clean_net, report):
+    x, y, _, _ = report
+    previous = 1.0
+    for restarts in (1, 2, 4):
+        tf.random.set_seed(0)
+        accuracy, _ = attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, restarts=restarts,
+                                                  batch_size=50)
+        assert accuracy["pgd_random_restarts"] <= previous
+        previous = accuracy["pgd_random_restarts"]
+
+
+def test_restarts_equal_independent_random_start_attacks(clean_net, report):
+    """Restart r attacks only the survivors of restarts 0..r-1, from the random start that a plain
+    loop over all images would draw: the survivors are those of that plain loop."""
+    x, y, _, masks = report
+    tf.random.set_seed(0)
+    survived = attacks.robust_correct(clean_net.model, x, y, None)
+    for seed in range(3):
+        survived &= attacks.robust_correct(clean_net.model, x, y, attacks.pgd_attack, batch_size=50, eps=EPS, k=5,
+                                           eta=ETA, random_start=True, seed=seed)
+    np.testing.assert_array_equal(masks["pgd_random_restarts"], survived)
+
+
+def test_eps_curve_starts_at_the_clean_accuracy_and_falls(clean_net, report):
+    x, y, accuracy, _ = report
+    rows = attacks.eps_curve(clean_net.model, x, y, [0.0, EPS, 0.1], k=5, eta=ETA)
+    assert rows[0] == dict(eps=0.0, fgsm=accuracy["clean"], pgd=accuracy["clean"], mim=accuracy["clean"])
+    assert rows[1]["fgsm"] == accuracy["fgsm"]
+    assert all(rows[2][name] <= rows[0][name] for name in ("fgsm", "pgd", "mim"))
+    assert rows[2]["pgd"] < rows[0]["pgd"]
+
+
+def test_strong_k_must_exceed_k(clean_net, report):
+    x, y, _, _ = report
+    with pytest.raises(ValueError, match="strong_k"):
+        attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, strong_k=5)

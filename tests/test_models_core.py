@@ -7,15 +7,12 @@ Expected parameter counts are computed here from the block formula, not read fro
 import math
 import os
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -394,10 +391,7 @@ class WeightRecorder(keras.callbacks.Callback):
 
 
 def record_weights(net):
-    recorder = WeightRecorder(net)
-    original = net._callbacks
-    net._callbacks = lambda data_manager, num_epochs: original(data_manager, num_epochs) + [recorder]
-    return recorder
+    return WeightRecorder(net)
 
 
 def assert_same_weights(a, b):
@@ -431,7 +425,7 @@ def test_augmentation_trains_and_stops_early_with_default_patience():
     assert net.patience == 3
     net.build_cnn()
     recorder = record_weights(net)
-    history = net.fit(manager)
+    history = net.fit(manager, callbacks=[recorder])
     assert len(history["loss"]) == 4 and np.all(np.isfinite(history["loss"]))
     assert net.best_epoch == 1
     assert_same_weights(net.model.get_weights(), recorder.weights[0])
@@ -458,7 +452,7 @@ def test_early_stopping_without_augmentation_restores_best_epoch(patience):
     net = small_net(patience=patience, num_epochs=6, learning_rate=0.05)
     net.build_cnn()
     recorder = record_weights(net)
-    history = net.fit(manager)
+    history = net.fit(manager, callbacks=[recorder])
     val = history["val_accuracy"]
     assert net.best_epoch == int(np.argmax(val)) + 1
     assert len(val) == min(6, net.best_epoch + patience)
@@ -472,7 +466,7 @@ def test_early_stopping_on_a_validation_set_that_cannot_improve():
     net = small_net(patience=2, num_epochs=10, drop_rate=0.0)
     net.build_cnn()
     recorder = record_weights(net)
-    history = net.fit(manager)
+    history = net.fit(manager, callbacks=[recorder])
     assert len(history["loss"]) == 2 + 1
     assert net.best_epoch == 1
     assert_same_weights(net.model.get_weights(), recorder.weights[0])
@@ -496,6 +490,7 @@ def test_h5_round_trip(cls, tmp_path):
     np.testing.assert_array_equal(other.predict(x), net.predict(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("is_augmentation", [False, True], ids=["plain", "augmented"])
 def test_two_seeded_runs_give_identical_weights(is_augmentation):
     """Same seed, same data: shuffling, dropout, augmentation and initialisation repeat exactly."""

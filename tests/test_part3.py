@@ -3,7 +3,6 @@ reproduce the accuracies that results/part3.json records on the real test split.
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ def check_keys(results):
     assert len(results["mixup"]["runs"]) >= 3  # alpha = 0 and at least two alphas
 
 
+@pytest.mark.notebook
 @needs_animals
 def test_quick_profile_records_every_key(quick_profile_run):
     """The session's shared quick-profile run (see conftest): every key, every model under runs/quick/."""
@@ -81,13 +81,15 @@ def test_committed_results_have_every_key():
         4000, 500, 500)
 
 
+@pytest.mark.slow
 @committed
 @needs_animals
 def test_committed_models_reproduce_recorded_accuracies():
     """Loads each committed model and recomputes, on the real test split, the accuracies recorded."""
-    sys.path.insert(0, str(ROOT))
-    import models
     from tensorflow import keras
+
+    import attacks
+    import models
 
     results = json.loads(RESULTS.read_text())
     manager = models.AnimalsDatasetManager([models.SimplePreprocessor(32, 32)])
@@ -108,9 +110,9 @@ def test_committed_models_reproduce_recorded_accuracies():
               (results["attacks"]["model"], results["attacks"]["clean"])]
     for path, recorded in checks:
         model = keras.models.load_model(ROOT / path, compile=False)
-        accuracy = models.robust_accuracy(model, X_test, y_test, None)
+        accuracy = attacks.robust_accuracy(model, X_test, y_test, None)
         assert accuracy == pytest.approx(recorded, abs=1e-9), path
     robust = keras.models.load_model(ROOT / results["adversarial"]["model"], compile=False)
-    pgd = models.robust_accuracy(robust, X_test, y_test, models.pgd_attack,
+    pgd = attacks.robust_accuracy(robust, X_test, y_test, attacks.pgd_attack,
                                  eps=0.0313, k=20, eta=0.002)
     assert pgd == pytest.approx(results["adversarial"]["pgd"], abs=1e-9)

@@ -1,0 +1,39 @@
+"""Atomic file writers: a JSON document and a Keras model, each written to a temporary file in the
+target's folder and renamed over the target, so an interrupted run leaves the old file or none,
+never half of one. Files are created readable by everyone (mode 0644), like any other file here."""
+
+import json
+import os
+
+
+def _write_atomically(path, write):
+    """Calls ``write(tmp_path)``, then renames ``tmp_path`` to ``path``. The temporary file is
+    ``<name>.partial.<ext>`` (git-ignored; Keras insists on the extension) and is removed if
+    ``write`` fails."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.partial{ext}"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    """``json.dump(obj)`` (indent 1) to ``path``, atomically."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    _write_atomically(path, write)
+
+
+def save_model(model, path):
+    """``model.save(path)`` atomically, without the optimizer state: the file holds the trained
+    network only (a third of the size). The format follows the extension (``.h5`` here)."""
+    _write_atomically(path, lambda tmp: model.save(tmp, include_optimizer=False))

@@ -1,0 +1,125 @@
+"""The training regularizers of Questions 3.7, 3.9 and 3.10: mixup, PGD adversarial training and SAM.
+
+All three run in one ``keras.Model.train_step`` override (``RegularizedTrainer``, Keras's "customizing
+what happens in fit()"), around a plain network whose weights it trains; ``RobustValidation`` adds the
+validation accuracy under PGD to every epoch's logs (the checkpoint rule of adversarial training).
+``models.YourModel`` builds them from its options; nothing here knows about ``YourModel``.
+"""
+
+import tensorflow as tf
+from tensorflow import keras
+
+from attacks import logits_model, pgd_attack, pgd_loop, robust_accuracy
+
+
+def mixup_batch(x, y, lam, permutation):
+    """Mixup of a batch with a permutation of itself (Zhang et al. 2018).
+
+    x: (N, H, W, C) images, y: (N, K) one-hot or soft labels, lam: scalar in [0, 1],
+    permutation: (N,) int indices. Returns lam * x + (1 - lam) * x[perm] and the same for y.
+    """
+    lam = tf.cast(lam, x.dtype)
+    x_mixed = lam * x + (1.0 - lam) * tf.gather(x, permutation)
+    y_mixed = lam * y + (1.0 - lam) * tf.gather(y, permutation)
+    return x_mixed, y_mixed
+
+
+def sample_beta(alpha):
+    """One draw of lambda ~ Beta(alpha, alpha), as the ratio of two Gamma(alpha) draws."""
+    a = tf.random.gamma([], alpha)
+    b = tf.random.gamma([], alpha)
+    return a / (a + b)
+
+
+class RegularizedTrainer(keras.Model):
+    """Trains a plain network ``net`` with mixup, PGD adversarial examples and/or SAM.
+
+    A thin ``keras.Model`` around ``net`` whose only change is ``train_step`` ("customizing
+    what happens in fit()"): ``call`` is ``net``'s, the weights are ``net``'s, validation is the
+    default ``test_step`` on clean data, and ``net`` itself is saved. Per training batch, in
+    this order: mixup, then PGD on the (mixed) batch, then one SAM or plain gradient step.
+    """
+
+    def __init__(self, net, mixup_alpha=0.0, adv_eps=0.0, adv_k=10, adv_eta=0.002, sam_rho=0.0):
+        super().__init__(name=f"{net.name}_trainer")
+        self.net = net
+        self.mixup_alpha = float(mixup_alpha)
+        self.adv_eps = float(adv_eps)
+        self.adv_k = int(adv_k)
+        self.adv_eta = float(adv_eta)
+        self.sam_rho = float(sam_rho)
+        self.logits = logits_model(net)
+
+    def call(self, x, training=False):
+        return self.net(x, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        if self.mixup_alpha:
+            lam = sample_beta(self.mixup_alpha)
+            x, y = mixup_batch(x, y, lam, tf.random.shuffle(tf.range(tf.shape(x)[0])))
+        if self.adv_eps:
+            start = x + tf.random.uniform(tf.shape(x), -self.adv_eps, self.adv_eps)
+            x = pgd_loop(
+                self.logits, x, y, tf.clip_by_value(start, -1.0, 1.0), self.adv_eps, self.adv_eta, self.adv_k
+            )
+        if self.sam_rho:
+            loss, y_pred, grads = self._sam_gradients(x, y)
+        else:
+            loss, y_pred, grads = self._gradients(x, y)
+        self.optimizer.apply(grads, self.trainable_variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _gradients(self, x, y):
+        """Loss, predictions and gradients of the batch at the current weights."""
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        return loss, y_pred, tape.gradient(loss, self.trainable_variables)
+
+    def _sam_gradients(self, x, y):
+        """SAM (Foret et al. 2021, Algorithm 1): gradient g at w, ascent to w + rho g / ||g||,
+        gradient there, back to w. The loss and predictions reported are those at w.
+
+        Batch norm: both passes normalise with the batch's statistics (training mode), but only
+        the first pass may update the moving mean and variance; the perturbed pass's update is
+        undone, so the running statistics describe the weights w that are kept.
+        """
+        loss, y_pred, grads = self._gradients(x, y)
+        variables = self.trainable_variables
+        norm = tf.linalg.global_norm(grads) + 1e-12
+        steps = [self.sam_rho * g / norm for g in grads]
+        moving = [tf.identity(v) for v in self.net.non_trainable_variables]
+        for v, e in zip(variables, steps):
+            v.assign_add(e)
+        _, _, sharp_grads = self._gradients(x, y)
+        for v, e in zip(variables, steps):
+            v.assign_sub(e)
+        for v, value in zip(self.net.non_trainable_variables, moving):
+            v.assign(value)
+        return loss, y_pred, sharp_grads
+
+
+class RobustValidation(keras.callbacks.Callback):
+    """Adds ``val_pgd_accuracy`` (PGD-k accuracy on the validation set) to each epoch's logs."""
+
+    def __init__(self, X_valid, y_valid, eps, k, eta, batch_size=500):
+        super().__init__()
+        self.X_valid, self.y_valid = X_valid, y_valid
+        self.attack_kwargs = dict(eps=eps, k=k, eta=eta)
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        net = getattr(self.model, "net", self.model)
+        accuracy = robust_accuracy(
+            net, self.X_valid, self.y_valid, pgd_attack, batch_size=self.batch_size, **self.attack_kwargs
+        )
+        if logs is not None:
+            logs["val_pgd_accuracy"] = accuracy
+        if self.params.get("verbose"):
+            print(f" - val_pgd_accuracy: {accuracy:.4f}")
