@@ -2,11 +2,13 @@
 # idempotent: a second call reuses .venv and the data.
 #
 #   make run          set up, execute the notebooks in the full profile in place, export HTML, update README
-#   make test         set up, then pytest
+#   make test         set up, then lint, then pytest
+#   make test-fast    set up, then the unit tests alone (no notebook runs, nothing slow)
+#   make lint         ruff check and ruff format --check
 #   make quick        every notebook in the quick profile into runs/quick/ (committed files untouched)
 #   make html         export the executed notebooks to Assignment01_PartN_output.html
 #   make submission   <student id>_assignment01_solution.zip (STUDENT_ID=... overrides student.json)
-#   make readme       refresh the results table in README.md from results/*.json
+#   make readme       refresh the results table in README.md from results/*.json (tools/render_readme.py)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -21,7 +23,7 @@ STUDENT_ID ?= $(shell python3 -c 'import json; print(json.load(open("student.jso
 SUBMISSION_DIR ?= .
 SUBMISSION_ZIP = $(SUBMISSION_DIR)/$(STUDENT_ID)_assignment01_solution.zip
 
-.PHONY: help venv data fashion-mnist animals run test quick html submission check-student-id readme
+.PHONY: help venv data fashion-mnist animals run test test-fast lint quick html submission check-student-id readme
 
 help:
 	@grep '^#   make ' Makefile | cut -c2-
@@ -59,13 +61,24 @@ animals:
 
 run: venv data
 	PYTHON=$(PY) bash export_html.sh --execute
-	python3 results/render_readme.py
+	python3 tools/render_readme.py
 
 test: ANIMALS_OPTIONAL := 1
 test: venv fashion-mnist animals
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 # --- the others ---------------------------------------------------------------------------------
+
+# The markers are declared in pyproject.toml: `notebook` (executes a notebook), `slow` (long training or attacks).
+test-fast: ANIMALS_OPTIONAL := 1
+test-fast: venv fashion-mnist animals
+	$(PY) -m pytest -q -m "not notebook and not slow" tests
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 quick: venv data
 	@mkdir -p runs/quick
@@ -84,50 +97,10 @@ check-student-id:
 
 # The zip the assignment asks for: the three notebooks, their HTML exports (made afresh by export_html.sh,
 # which refuses a broken notebook), models.py, models/*.h5 and every local image the notebooks' Markdown
-# shows. Refuses a missing part or an image outside the project before exporting anything.
+# shows. Refuses a missing part or an image outside the project before exporting anything
+# (tools/make_submission.py).
 submission: check-student-id venv
-	@PYTHON=$(PY) $(PY) -c "$$SUBMISSION_PY" "$(SUBMISSION_ZIP)" $(NOTEBOOKS)
+	@PYTHON=$(PY) $(PY) tools/make_submission.py "$(SUBMISSION_ZIP)" $(NOTEBOOKS)
 
 readme:
-	python3 results/render_readme.py
-
-define SUBMISSION_PY
-import os, re, subprocess, sys, zipfile
-from pathlib import Path
-import nbformat
-
-target, notebooks = Path(sys.argv[1]), sys.argv[2:]
-missing = [nb for nb in notebooks if not Path(nb).is_file()]
-if missing:
-    sys.exit(f"error: cannot build {target}: missing {', '.join(missing)}")
-image = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img[^>]*\ssrc=[\"']([^\"']+)[\"']")
-figures = []
-for nb in notebooks:
-    for cell in nbformat.read(nb, as_version=4).cells:
-        if cell.cell_type != "markdown":
-            continue
-        for ref in (a or b for a, b in image.findall(cell.source)):
-            if re.match(r"[a-z]+:", ref):
-                continue
-            path = os.path.normpath(ref)
-            if path.startswith("..") or os.path.isabs(path) or not os.path.isfile(path):
-                sys.exit(f"error: {nb} shows the image {ref!r}, which is not a file inside the project; "
-                         "copy it into the project and refer to it by a relative path")
-            figures.append(path)
-if subprocess.run(["bash", "export_html.sh", *notebooks]).returncode != 0:
-    sys.exit(f"error: cannot build {target}: the HTML export failed")
-files = [f for nb in notebooks for f in (nb, nb.replace("_solution.ipynb", "_output.html"))]
-files += ["models.py", *sorted(str(p) for p in Path("models").glob("*.h5")), *figures]
-files = list(dict.fromkeys(files))
-absent = [f for f in files if not Path(f).is_file()]
-if absent:
-    sys.exit(f"error: cannot build {target}: missing {', '.join(absent)}")
-target.parent.mkdir(parents=True, exist_ok=True)
-partial = target.with_name(target.name + ".partial")
-with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
-    for f in files:
-        zf.write(f)
-os.replace(partial, target)
-print(f"{target}:", *files, sep="\n  ")
-endef
-export SUBMISSION_PY
+	python3 tools/render_readme.py

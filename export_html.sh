@@ -54,57 +54,7 @@ if [ "$execute" = 1 ]; then
 fi
 [ ${#notebooks[@]} -gt 0 ] || exit $status
 
-# Check every notebook, export those that pass (one interpreter for all of them).
-"$PYTHON" - "${notebooks[@]}" <<'PY' || status=1
-import json, os, sys
-from pathlib import Path
-
-
-def problems(path):
-    """One line per code cell that never ran, ran out of order, or shows an error."""
-    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    found, last = [], 0
-    for number, cell in enumerate(cells, 1):
-        source = "".join(cell.get("source", ""))
-        if cell["cell_type"] != "code" or not source.strip():
-            continue
-        where = f"cell {number} ({source.strip().splitlines()[0][:60]!r})"
-        count = cell.get("execution_count")
-        if count is None:
-            found.append(f"{where} was not executed")
-        elif count <= last:
-            found.append(f"{where} ran out of order (execution count {count} after {last})")
-        else:
-            last = count
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                found.append(f"{where} has an error output: {out.get('ename')}: {out.get('evalue')}")
-    return found
-
-
-status, exporter = 0, None
-for path in map(Path, sys.argv[1:]):
-    if not path.is_file():
-        print(f"error: no notebook {path}", file=sys.stderr)
-        status = 1
-        continue
-    found = problems(path)
-    if found:
-        more = [f"... and {len(found) - 5} more"] if len(found) > 5 else []
-        print(f"refusing to export {path}:", *found[:5], *more, file=sys.stderr, sep="\n  ")
-        print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
-        status = 1
-        continue
-    if exporter is None:
-        import nbformat
-        from nbconvert import HTMLExporter
-        exporter = HTMLExporter()
-    body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
-    html = path.with_name(path.stem.removesuffix("_solution") + "_output.html")
-    partial = html.with_name(html.name + ".partial")
-    partial.write_text(body, encoding="utf-8")
-    os.replace(partial, html)
-    print(f"exported {html}")
-sys.exit(status)
-PY
+# Check every notebook, export those that pass (one interpreter for all of them; cells tagged
+# remove_input show only their output, cells tagged remove_cell are left out).
+"$PYTHON" "$ROOT/tools/export_notebooks.py" "${notebooks[@]}" || status=1
 exit $status

@@ -1,5 +1,5 @@
-"""The foundation: data provisioning, the Animals check, profile isolation, HTML export, the submission zip,
-the README's results table and the CI entry point."""
+"""The foundation: data provisioning, the Animals check, profile isolation, HTML export, the submission zip
+and the README's results table."""
 import json
 import os
 import shutil
@@ -15,8 +15,12 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from conftest import REPO_ROOT, animals_dir, git, run
 
 NOTEBOOKS = [f"Assignment01_Part{n}_solution.ipynb" for n in (1, 2, 3)]
-FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+FASHION_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
 PROVISION = REPO_ROOT / "datasets" / "provision_fashion_mnist.sh"
 EXPORT = REPO_ROOT / "export_html.sh"
 
@@ -53,16 +57,24 @@ def assert_fashion_mnist_shapes(shapes):
     assert shapes["test"] == [[10000, 28, 28], "uint8", [10000]]
 
 
-def test_provisioned_fashion_mnist_loads_without_network():
-    proc = run(["bash", str(PROVISION)], env={"KERAS_HOME": ""})
+def debian_package_installed():
+    """Whether Debian's dataset-fashion-mnist package is installed here."""
+    return shutil.which("dpkg") is not None and run(["dpkg", "-s", "dataset-fashion-mnist"]).returncode == 0
+
+
+def test_provisioned_fashion_mnist_loads_without_network(tmp_path):
+    """Provisioning fills an empty cache (a temporary HOME); load_data() then needs no network."""
+    proc = run(["bash", str(PROVISION)], env={"HOME": str(tmp_path), "KERAS_HOME": ""})
+    if proc.returncode != 0 and not debian_package_installed():
+        pytest.skip("the Debian package dataset-fashion-mnist is absent and could not be installed here")
     assert proc.returncode == 0, proc.stderr
-    cache = Path.home() / ".keras" / "datasets" / "fashion-mnist"
+    cache = tmp_path / ".keras" / "datasets" / "fashion-mnist"
     assert all((cache / f).stat().st_size > 0 for f in FASHION_FILES)
-    assert_fashion_mnist_shapes(load_fashion_mnist_offline(Path.home()))
+    assert_fashion_mnist_shapes(load_fashion_mnist_offline(tmp_path))
 
 
 def test_provisioning_links_the_debian_files_into_an_empty_cache(tmp_path):
-    if run(["dpkg", "-s", "dataset-fashion-mnist"]).returncode != 0:
+    if not debian_package_installed():
         pytest.skip("the Debian package dataset-fashion-mnist is not installed here")
     env = {"HOME": str(tmp_path), "KERAS_HOME": ""}
     first = run(["bash", str(PROVISION)], env=env)
@@ -72,7 +84,7 @@ def test_provisioning_links_the_debian_files_into_an_empty_cache(tmp_path):
     assert all((cache / f).is_symlink() for f in FASHION_FILES)
     second = run(["bash", str(PROVISION)], env=env)
     assert second.returncode == 0 and "are in" in second.stdout
-    assert_fashion_mnist_shapes(load_fashion_mnist_offline(tmp_path))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(FASHION_FILES)
 
 
 def test_provisioning_without_package_or_files_says_what_to_do(tmp_path):
@@ -121,9 +133,10 @@ def test_animals_check_accepts_a_folder_with_images(tmp_path):
 
 # --- profile isolation -----------------------------------------------------------------------------
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_quick_profile_leaves_the_checkout_clean(notebook, quick_profile_run):
-    """As `make quick` does: the quick profile with its default output folder writes under runs/quick/ only."""
+    """As `make quick` does: the quick profile, default output folder, writes under runs/quick/ only."""
     if not (REPO_ROOT / notebook).is_file():
         pytest.skip(f"{notebook} is not written yet")
     if notebook.endswith("Part3_solution.ipynb") and animals_dir() is None:
@@ -137,14 +150,16 @@ def test_quick_profile_leaves_the_checkout_clean(notebook, quick_profile_run):
 
 # --- HTML export -----------------------------------------------------------------------------------
 
+KERNELSPEC = {"name": "python3", "language": "python", "display_name": "Python 3"}
+
+
 def notebook(path, cells):
-    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                                      "display_name": "Python 3"}}), path)
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": KERNELSPEC}), path)
     return path
 
 
-def executed(source, count, outputs=()):
-    return new_code_cell(source, execution_count=count, outputs=list(outputs))
+def executed(source, count, outputs=(), tags=()):
+    return new_code_cell(source, execution_count=count, outputs=list(outputs), metadata={"tags": list(tags)})
 
 
 def export(*args):
@@ -177,13 +192,37 @@ def test_export_refuses_cells_run_out_of_order(tmp_path):
 
 def test_export_converts_a_clean_notebook(tmp_path):
     shown = new_output("stream", name="stdout", text="forty-two\n")
-    nb = notebook(tmp_path / "Clean_solution.ipynb",
-                  [new_markdown_cell("# Clean"), executed("print('forty-two')", 1, [shown]), new_code_cell("")])
+    cells = [new_markdown_cell("# Clean"), executed("print('forty-two')", 1, [shown]), new_code_cell("")]
+    nb = notebook(tmp_path / "Clean_solution.ipynb", cells)
     proc = export(nb)
     assert proc.returncode == 0, proc.stderr
     assert "forty-two" in (tmp_path / "Clean_output.html").read_text()
 
 
+def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cells(tmp_path):
+    def printing(source_marker, output_marker, count, tags=()):
+        """A cell whose source holds `source_marker` and whose output is `output_marker`."""
+        source = f"# {source_marker}\nprint({output_marker[:4]!r} + {output_marker[4:]!r})"
+        stream = new_output("stream", name="stdout", text=output_marker + "\n")
+        return executed(source, count, [stream], tags)
+
+    nb = notebook(
+        tmp_path / "Tagged_solution.ipynb",
+        [
+            printing("shownsource1b7e", "shownoutput4c0d", 1),
+            printing("hiddensource7f3a", "keptoutput9c2e", 2, ["remove_input"]),
+            printing("droppedsource2d5b", "droppedoutput6a1f", 3, ["remove_cell"]),
+        ],
+    )
+    proc = export(nb)
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "Tagged_output.html").read_text()
+    assert "shownsource1b7e" in html and "shownoutput4c0d" in html  # an untagged cell shows both
+    assert "hiddensource7f3a" not in html and "keptoutput9c2e" in html
+    assert "droppedsource2d5b" not in html and "droppedoutput6a1f" not in html
+
+
+@pytest.mark.notebook
 def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
     params = new_code_cell('PROFILE = "quick"', metadata={"tags": ["parameters"]})
     nb = notebook(tmp_path / "Fresh_solution.ipynb", [params, new_code_cell("print('profile', PROFILE)")])
@@ -198,14 +237,17 @@ def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the project's commands with three small executed notebooks, models.py, a model and a figure."""
+    """A copy of the project's commands, with three small executed notebooks, models.py and a module it
+    imports, a model, a figure."""
     root = tmp_path / "project"
     root.mkdir()
     for name in ("Makefile", "export_html.sh", "requirements.txt", "requirements-dev.txt"):
         shutil.copy2(REPO_ROOT / name, root / name)
+    shutil.copytree(REPO_ROOT / "tools", root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".venv").symlink_to(Path(sys.prefix))
     (root / "student.json").write_text(json.dumps({"student_id": 424242}))
-    (root / "models.py").write_text("VALUE = 1\n")
+    (root / "models.py").write_text("import attacks\n")
+    (root / "attacks.py").write_text("VALUE = 1\n")
     (root / "models").mkdir()
     (root / "models" / ".gitkeep").write_text("")
     (root / "models" / "Part3_Sec3_4_best.h5").write_bytes(b"model")
@@ -227,8 +269,9 @@ def test_submission_zip_holds_what_the_assignment_asks_for(project, tmp_path):
     proc = make_submission(project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     archive = project / "424242_assignment01_solution.zip"
-    expected = {f"Assignment01_Part{n}_{kind}" for n in (1, 2, 3) for kind in ("solution.ipynb", "output.html")}
-    expected |= {"models.py", "models/Part3_Sec3_4_best.h5", "figures/network.png"}
+    kinds = ("solution.ipynb", "output.html")
+    expected = {f"Assignment01_Part{n}_{kind}" for n in (1, 2, 3) for kind in kinds}
+    expected |= {"models.py", "attacks.py", "models/Part3_Sec3_4_best.h5", "figures/network.png"}
     with zipfile.ZipFile(archive) as zf:
         assert set(zf.namelist()) == expected
         zf.extractall(tmp_path / "unzipped")
@@ -257,7 +300,7 @@ def test_submission_refuses_an_image_outside_the_project(project):
     assert not list(project.glob("*.zip"))
 
 
-# --- README results table and CI --------------------------------------------------------------------
+# --- README results table ------------------------------------------------------------------------
 
 def test_results_table_is_rendered_from_the_json_files(tmp_path):
     readme = tmp_path / "README.md"
@@ -267,18 +310,13 @@ def test_results_table_is_rendered_from_the_json_files(tmp_path):
     (tmp_path / "part2.json").write_text("{not json")
     (tmp_path / "part3.json").write_text(json.dumps({"attacks": {"clean": 0.7, "fgsm": 0.1, "pgd": 0.0,
                                                                  "mim": 0.01}}))
-    script = [sys.executable, str(REPO_ROOT / "results" / "render_readme.py"), "--readme", str(readme),
-              "--results", str(tmp_path)]
+    script = [sys.executable, str(REPO_ROOT / "tools" / "render_readme.py"), "--readme", str(readme)]
+    script += ["--results", str(tmp_path)]
     assert run(script).returncode == 0
     text = readme.read_text()
     assert "old" not in text and "| 1.2346 |" in text and "0.7000 / 0.1000 / 0.0000 / 0.0100" in text
-    assert "| 2 | 2.4 baseline 784-20-40-10, test accuracy | not yet run |" in text
+    part2_rows = [line for line in text.splitlines() if line.startswith("| 2 |")]  # part2.json is unreadable
+    assert part2_rows and all(line.endswith("| not yet run |") for line in part2_rows)
     assert "kept 1.23x" in text
     assert run(script).returncode == 0 and readme.read_text() == text
 
-
-def test_ci_runs_the_readme_test_command():
-    ci = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert ci[0] == "#!/usr/bin/env bash" and "set -euo pipefail" in ci
-    assert ci[-1] == "make test" and "\nmake test " in readme

@@ -25,23 +25,29 @@ COMMITTED_RESULTS = REPO_ROOT / "results" / "part1.json"
 COMMITTED_STUDENT_ID = 1234
 # 31234567: a typical 8-digit ID (every pre-activation positive, the true class 3 is predicted);
 # 55: the first pre-activation is negative (Leaky ReLU's 0.01 branch) and the prediction (class 1) is wrong.
-STUDENT_IDS = (31234567, 55)
+STUDENT_IDS = (None, 31234567)  # None: the session's shared quick run, with student.json's ID
 
 SLOPE, ETA, ALPHA = 0.01, 0.01, 0.1
 RTOL, ATOL = 1e-9, 1e-12
+# fmt: off
 SHAPES = {
-    "q1_2": {"h1": (4, 1), "h2": (3, 1), "h3": (3, 1), "p": (3, 1), "ce_loss": (), "label_smoothing_loss": ()},
-    "q1_3": {"student_id": (), "h1_bar": (4, 1), "h1": (4, 1), "p": (3, 1), "predicted_class": (), "loss": (),
-             "dh2": (3, 1), "dW2": (3, 4), "db2": (3, 1), "dh1": (4, 1), "dh1_bar": (4, 1), "dW1": (4, 3),
-             "db1": (4, 1), "W1_new": (4, 3), "b1_new": (4, 1), "W2_new": (3, 4), "b2_new": (3, 1)},
+    "q1_2": {
+        "h1": (4, 1), "h2": (3, 1), "h3": (3, 1), "p": (3, 1), "ce_loss": (), "label_smoothing_loss": (),
+    },
+    "q1_3": {
+        "student_id": (), "h1_bar": (4, 1), "h1": (4, 1), "p": (3, 1), "predicted_class": (), "loss": (),
+        "dh2": (3, 1), "dW2": (3, 4), "db2": (3, 1), "dh1": (4, 1), "dh1_bar": (4, 1), "dW1": (4, 3),
+        "db1": (4, 1), "W1_new": (4, 3), "b1_new": (4, 1), "W2_new": (3, 4), "b2_new": (3, 1),
+    },
 }
+# fmt: on
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Independent reference: Keras Dense layers on row vectors (kernel = W^T), float64 throughout.
 
 def dense(W, b, activation=None):
-    """A float64 Keras Dense layer holding W (out, in) and b (out, 1); it maps rows (1, in) to rows (1, out)."""
+    """A float64 Keras Dense layer holding W (out, in) and b (out, 1); it maps rows (1, in) to (1, out)."""
     layer = keras.layers.Dense(W.shape[0], activation=activation, dtype="float64")
     layer.build((None, W.shape[1]))
     layer.set_weights([W.T, b[:, 0]])
@@ -72,7 +78,8 @@ def reference_q1_2():
     h3 = dense(W3, b3)(h2)
     target = tf.one_hot([1], 3, dtype=tf.float64)  # y = 2, 1-based
     ce = keras.losses.CategoricalCrossentropy(from_logits=True, dtype="float64")(target, h3)
-    ls = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ALPHA, dtype="float64")(target, h3)
+    smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ALPHA, dtype="float64")
+    ls = smoothed(target, h3)
     return {"h1": column(h1), "h2": column(h2), "h3": column(h3), "p": column(keras.activations.softmax(h3)),
             "ce_loss": float(ce), "label_smoothing_loss": float(ls)}
 
@@ -87,15 +94,17 @@ def reference_q1_3(student_id):
         h1_bar = layer1(x)
         h1 = leaky_relu_tf(h1_bar)
         h2 = layer2(h1)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")(tf.constant([2]), h2)
-    g = tape.gradient(loss, {"dh2": h2, "dh1": h1, "dh1_bar": h1_bar, "dW1": layer1.kernel, "db1": layer1.bias,
-                             "dW2": layer2.kernel, "db2": layer2.bias})
+        cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+        loss = cross_entropy(tf.constant([2]), h2)
+    watched = {"dh2": h2, "dh1": h1, "dh1_bar": h1_bar, "dW1": layer1.kernel, "db1": layer1.bias}
+    g = tape.gradient(loss, {**watched, "dW2": layer2.kernel, "db2": layer2.bias})
     dW1, dW2 = np.asarray(g["dW1"]).T, np.asarray(g["dW2"]).T            # kernels are (in, out)
     db1, db2 = np.asarray(g["db1"])[:, None], np.asarray(g["db2"])[:, None]
     p = column(keras.activations.softmax(h2))
     return {"student_id": student_id, "h1_bar": column(h1_bar), "h1": column(h1), "p": p,
             "predicted_class": int(p.argmax()) + 1, "loss": float(loss),
-            "dh2": column(g["dh2"]), "dW2": dW2, "db2": db2, "dh1": column(g["dh1"]), "dh1_bar": column(g["dh1_bar"]),
+            "dh2": column(g["dh2"]), "dW2": dW2, "db2": db2, "dh1": column(g["dh1"]),
+            "dh1_bar": column(g["dh1_bar"]),
             "dW1": dW1, "db1": db1, "W1_new": W1 - ETA * dW1, "b1_new": b1 - ETA * db1,
             "W2_new": W2 - ETA * dW2, "b2_new": b2 - ETA * db2}
 
@@ -109,11 +118,17 @@ def assert_matches(results, reference):
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=key)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=STUDENT_IDS, ids=lambda sid: f"student{sid}")
-def quick_run(request, tmp_path_factory):
-    """Run the notebook (quick profile) for one student ID; return the ID and its part1.json."""
+@pytest.fixture(scope="module", params=STUDENT_IDS, ids=lambda sid: f"student{sid or 'json'}")
+def quick_run(request, tmp_path_factory, quick_profile_run):
+    """Run the notebook (quick profile) for one student ID; return the ID and its part1.json. The ID of
+    student.json is the session's shared quick run (conftest), which writes into a copy of the project."""
+    if request.param is None:
+        checkout, proc = quick_profile_run(NOTEBOOK.name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        student_id = json.loads((REPO_ROOT / "student.json").read_text())["student_id"]
+        return student_id, json.loads((checkout / "runs" / "quick" / "results" / "part1.json").read_text())
     out = tmp_path_factory.mktemp(f"part1_{request.param}")
     committed_before = COMMITTED_RESULTS.read_bytes() if COMMITTED_RESULTS.exists() else None
     pm.execute_notebook(str(NOTEBOOK), str(out / "executed.ipynb"),
@@ -124,6 +139,7 @@ def quick_run(request, tmp_path_factory):
     return request.param, json.loads((out / "results" / "part1.json").read_text())
 
 
+@pytest.mark.notebook
 def test_results_have_the_issue_keys_and_shapes(quick_run):
     _, results = quick_run
     assert set(results) == set(SHAPES)
@@ -135,11 +151,13 @@ def test_results_have_the_issue_keys_and_shapes(quick_run):
     assert isinstance(results["q1_3"]["predicted_class"], int)
 
 
+@pytest.mark.notebook
 def test_q1_2_matches_keras(quick_run):
     _, results = quick_run
     assert_matches(results["q1_2"], reference_q1_2())
 
 
+@pytest.mark.notebook
 def test_q1_3_matches_gradient_tape(quick_run):
     student_id, results = quick_run
     assert_matches(results["q1_3"], reference_q1_3(student_id))
@@ -181,10 +199,11 @@ def test_activation_derivatives_match_autodiff():
         leaky = leaky_relu_tf(xt)
         softplus = tf.math.softplus(xt)
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # underflow to 0 is fine
+        leaky_grad, softplus_grad = tape.gradient(leaky, xt).numpy(), tape.gradient(softplus, xt).numpy()
         np.testing.assert_allclose(f["leaky_relu"](x), leaky.numpy(), rtol=0, atol=1e-15)
-        np.testing.assert_allclose(f["leaky_relu_grad"](x), tape.gradient(leaky, xt).numpy(), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(f["leaky_relu_grad"](x), leaky_grad, rtol=0, atol=1e-15)
         np.testing.assert_allclose(f["softplus"](x), softplus.numpy(), rtol=1e-14, atol=1e-15)
-        np.testing.assert_allclose(f["softplus_grad"](x), tape.gradient(softplus, xt).numpy(), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(f["softplus_grad"](x), softplus_grad, rtol=1e-14, atol=1e-15)
         # the kink: the notebook's convention is the 'otherwise' branch (slope 1), which is also what autodiff
         # of the definition gives; Softplus' = sigmoid, 1/2 at 0; no overflow far out
         assert f["leaky_relu_grad"](0.0) == 1.0 and f["leaky_relu_grad"](-1e-300) == SLOPE
@@ -193,6 +212,7 @@ def test_activation_derivatives_match_autodiff():
         np.testing.assert_allclose(f["softplus_grad"](np.array([-800.0, 800.0])), [0.0, 1.0], atol=1e-300)
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("parameters", [dict(PROFILE="medium"), dict(PROFILE="quick", STUDENT_ID=-1)],
                          ids=["unknown-profile", "negative-student-id"])
 def test_bad_parameters_raise_value_error(parameters, tmp_path):

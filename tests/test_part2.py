@@ -18,7 +18,7 @@ ACCURACIES = {"val_acc", "test_acc"}
 
 @pytest.fixture(scope="module")
 def quick_run(quick_profile_run):
-    """The notebook in the quick profile (the session's shared run, see conftest); (results, executed notebook)."""
+    """The notebook in the quick profile (the session's shared run, see conftest): (results, executed nb)."""
     checkout, proc = quick_profile_run(NOTEBOOK.name)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = checkout / "runs" / "quick"
@@ -26,6 +26,7 @@ def quick_run(quick_profile_run):
     return results, nbformat.read(out / NOTEBOOK.name, as_version=4)
 
 
+@pytest.mark.notebook
 def test_results_have_the_issue_keys(quick_run):
     results, _ = quick_run
     assert set(results) == {"baseline", "grid", "best", "label_smoothing", "protocol"}
@@ -39,11 +40,12 @@ def test_results_have_the_issue_keys(quick_run):
     for row in [results["baseline"], results["best"], *results["grid"], *results["label_smoothing"]]:
         assert all(0.0 <= row[key] <= 1.0 for key in ACCURACIES)
     protocol = results["protocol"]
-    for key in ("optimizer", "learning_rate", "lr_schedule", "batch_size", "max_epochs", "early_stopping", "seed"):
-        assert key in protocol
+    keys = ("optimizer", "learning_rate", "lr_schedule", "batch_size", "max_epochs", "early_stopping", "seed")
+    assert set(keys) <= set(protocol), set(keys) - set(protocol)
     assert protocol["profile"] == "quick"
 
 
+@pytest.mark.notebook
 def test_grid_has_twelve_distinct_rows(quick_run):
     results, _ = quick_run
     rows = [(row["n1"], row["n2"], row["act"]) for row in results["grid"]]
@@ -51,6 +53,7 @@ def test_grid_has_twelve_distinct_rows(quick_run):
     assert set(rows) == GRID
 
 
+@pytest.mark.notebook
 def test_best_is_the_argmax_of_validation_accuracy(quick_run):
     results, _ = quick_run
     top = max(row["val_acc"] for row in results["grid"])
@@ -58,6 +61,7 @@ def test_best_is_the_argmax_of_validation_accuracy(quick_run):
     assert results["best"] in winners
 
 
+@pytest.mark.notebook
 def test_label_smoothing_rows(quick_run):
     results, _ = quick_run
     alphas = [row["alpha"] for row in results["label_smoothing"]]
@@ -66,6 +70,7 @@ def test_label_smoothing_rows(quick_run):
     assert len(alphas) == 4
 
 
+@pytest.mark.notebook
 def test_executed_notebook_has_no_errors_and_renders_the_observation(quick_run):
     _, nb = quick_run
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
@@ -110,7 +115,8 @@ def test_loss_equals_keras_label_smoothing(loss_class, tf_keras, alpha):
     for scale in (0.5, 3.0, 20.0):
         labels, probs = random_batch(rng, keras, 128, scale)
         ours = loss_class(alpha, reduction=None)(labels, probs).numpy()
-        theirs = keras.losses.CategoricalCrossentropy(label_smoothing=alpha, reduction=None)(labels, probs).numpy()
+        keras_loss = keras.losses.CategoricalCrossentropy(label_smoothing=alpha, reduction=None)
+        theirs = keras_loss(labels, probs).numpy()
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
         assert abs(float(loss_class(alpha)(labels, probs))
                    - float(keras.losses.CategoricalCrossentropy(label_smoothing=alpha)(labels, probs))) < 1e-6
@@ -123,7 +129,8 @@ def test_loss_equals_keras_label_smoothing_property(loss_class, tf_keras, alpha,
     tf, keras = tf_keras
     labels, probs = random_batch(np.random.default_rng(seed), keras, batch, 4.0, num_classes)
     ours = loss_class(alpha, reduction=None)(labels, probs).numpy()
-    theirs = keras.losses.CategoricalCrossentropy(label_smoothing=alpha, reduction=None)(labels, probs).numpy()
+    keras_loss = keras.losses.CategoricalCrossentropy(label_smoothing=alpha, reduction=None)
+    theirs = keras_loss(labels, probs).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
 
 
@@ -143,10 +150,3 @@ def test_loss_rejects_alpha_outside_0_1(loss_class, alpha):
     with pytest.raises(ValueError, match="alpha"):
         loss_class(alpha)
 
-
-def test_training_does_not_use_the_builtin_smoothing():
-    """The built-in `label_smoothing=` appears only in the cell that checks the hand-written loss."""
-    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
-    using = [src for src in cells if "label_smoothing=" in src]
-    assert len(using) == 1 and "assert worst_gap < 1e-6" in using[0]
-    assert any("loss=LabelSmoothingCrossEntropy(alpha)" in src for src in cells)

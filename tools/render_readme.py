@@ -3,7 +3,7 @@
 Only the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` changes. A part whose
 file or key is missing shows "not yet run". Standard library only, so it runs without the virtualenv:
 
-    python3 results/render_readme.py [--readme README.md] [--results results]
+    python3 tools/render_readme.py [--readme README.md] [--results results]
 """
 import argparse
 import json
@@ -61,6 +61,7 @@ def table_rows(r):
     patience = f" (early-stopping patience {patience})" if patience is not None else ""
     strong_k = lookup(p3, "adversarial", "pgd_strong_k")
     restarts = lookup(p3, "adversarial", "pgd_restarts")
+    strong = f"PGD-{strong_k or 'k'} / PGD-20 with {restarts or 'n'} random restarts"
     return [
         ("1", "Q1.2 cross-entropy loss", lookup(p1, "q1_2", "ce_loss")),
         ("1", "Q1.2 loss with label smoothing α = 0.1", lookup(p1, "q1_2", "label_smoothing_loss")),
@@ -71,15 +72,15 @@ def table_rows(r):
         ("2", f"2.6 label smoothing, best by validation{alpha}, test accuracy", smooth.get("test_acc")),
         ("3", "default model, test accuracy", lookup(p3, "default", "test_acc")),
         ("3", f"3.4 best of the 12-run grid{arch3}, test accuracy", best3.get("test_acc")),
-        ("3", f"3.6 with augmentation{patience}, test accuracy", lookup(p3, "augmentation", "with", "test_acc")),
+        ("3", f"3.6 with augmentation{patience}, test accuracy",
+         lookup(p3, "augmentation", "with", "test_acc")),
         ("3", f"3.7 with mixup{mix}, test accuracy", lookup(p3, "mixup", "test_acc")),
         ("3", "augmentation + mixup + cosine schedule, test accuracy", lookup(p3, "combined", "test_acc")),
         ("3", "3.8 best model: clean / FGSM / PGD / MIM accuracy",
          [lookup(p3, "attacks", k) for k in ("clean", "fgsm", "pgd", "mim")]),
         ("3", "3.9 adversarially trained: clean / FGSM / PGD / MIM accuracy",
          [lookup(p3, "adversarial", k) for k in ("clean", "fgsm", "pgd", "mim")]),
-        ("3", f"3.9 adversarially trained: PGD-{strong_k or 'k'} / PGD-20 with {restarts or 'n'} random restarts"
-              " / worst case over every attack",
+        ("3", f"3.9 adversarially trained: {strong} / worst case over every attack",
          [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")]),
         ("3", "3.10 SAM, test accuracy", lookup(p3, "sam", "test_acc")),
     ]
@@ -95,7 +96,7 @@ def render_table(results):
             shown = fmt(value)
         lines.append(f"| {part} | {what} | {shown} |")
     lines.append("")
-    lines.append("_Filled in by `results/render_readme.py` from `results/part*.json`; do not edit by hand._")
+    lines.append("_Filled in by `tools/render_readme.py` from `results/part*.json`; do not edit by hand._")
     return "\n".join(lines)
 
 

@@ -1,0 +1,85 @@
+"""Check notebooks and export those that pass to HTML (export_html.sh calls it).
+
+    python tools/export_notebooks.py NOTEBOOK.ipynb ...
+
+X_solution.ipynb becomes X_output.html next to it. A notebook with a code cell that never ran, cells run
+out of order, or an error output is refused (named on stderr with its first problems) and not exported;
+the exit status is 1 when any notebook was refused or missing. In the HTML, a cell tagged `remove_input`
+shows its output only, and a cell tagged `remove_cell` is left out.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def problems(path):
+    """One line per code cell that never ran, ran out of order, or shows an error."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    found, last = [], 0
+    for number, cell in enumerate(cells, 1):
+        source = "".join(cell.get("source", ""))
+        if cell["cell_type"] != "code" or not source.strip():
+            continue
+        where = f"cell {number} ({source.strip().splitlines()[0][:60]!r})"
+        count = cell.get("execution_count")
+        if count is None:
+            found.append(f"{where} was not executed")
+        elif count <= last:
+            found.append(f"{where} ran out of order (execution count {count} after {last})")
+        else:
+            last = count
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found.append(f"{where} has an error output: {out.get('ename')}: {out.get('evalue')}")
+    return found
+
+
+def html_exporter():
+    """nbconvert's HTML exporter with the cell tags `remove_input` and `remove_cell` honoured."""
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+
+    exporter = HTMLExporter()
+    tags = TagRemovePreprocessor(
+        remove_input_tags={"remove_input"}, remove_cell_tags={"remove_cell"}, enabled=True
+    )
+    exporter.register_preprocessor(tags, enabled=True)
+    return exporter
+
+
+def export(path, exporter):
+    """Write `path`'s HTML next to it, atomically (temporary file, then rename); return the HTML's path."""
+    import nbformat
+
+    body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
+    html = path.with_name(path.stem.removesuffix("_solution") + "_output.html")
+    partial = html.with_name(html.name + ".partial")
+    partial.write_text(body, encoding="utf-8")
+    os.replace(partial, html)
+    return html
+
+
+def main(paths):
+    status, exporter = 0, None
+    for path in map(Path, paths):
+        if not path.is_file():
+            print(f"error: no notebook {path}", file=sys.stderr)
+            status = 1
+            continue
+        found = problems(path)
+        if found:
+            more = [f"... and {len(found) - 5} more"] if len(found) > 5 else []
+            print(f"refusing to export {path}:", *found[:5], *more, file=sys.stderr, sep="\n  ")
+            print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
+            status = 1
+            continue
+        if exporter is None:  # nbconvert is slow to import: only when there is something to export
+            exporter = html_exporter()
+        print(f"exported {export(path, exporter)}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
