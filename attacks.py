@@ -117,11 +117,16 @@ def _compiled(model):
             """FGSM's image, and the first step of PGD and of MIM (with MIM's momentum after it),
             from the gradient at x; the same operations as in the loops above."""
             momentum = normalized(grad)
-            return (project(x + eps * tf.sign(grad), x, eps),
-                    project(x + eta * tf.sign(grad), x, eps),
-                    project(x + eta * tf.sign(momentum), x, eps), momentum)
+            return (
+                project(x + eps * tf.sign(grad), x, eps),
+                project(x + eta * tf.sign(grad), x, eps),
+                project(x + eta * tf.sign(momentum), x, eps),
+                momentum,
+            )
 
-        _COMPILED_ATTACKS[model] = dict(fgsm=fgsm, pgd=pgd, mim=mim, gradient=gradient, first_steps=first_steps)
+        _COMPILED_ATTACKS[model] = dict(
+            fgsm=fgsm, pgd=pgd, mim=mim, gradient=gradient, first_steps=first_steps
+        )
     return _COMPILED_ATTACKS[model]
 
 
@@ -192,7 +197,10 @@ def _attacked(model, x, y, keep, settings, k, batch_size):
     ``{(eps, eta): PGD's adversarial images of the kept images, in order}``.
     """
     fns = _compiled(model)
-    masks = {setting: {name: np.zeros(len(x), dtype=bool) for name in ("fgsm", "pgd", "mim")} for setting in settings}
+    masks = {
+        setting: {name: np.zeros(len(x), dtype=bool) for name in ("fgsm", "pgd", "mim")}
+        for setting in settings
+    }
     pgd_images = {setting: [] for setting in settings}
     chosen = np.flatnonzero(keep)
     for start in range(0, len(chosen), batch_size):
@@ -276,6 +284,8 @@ def eps_curve(model, x, y, eps_values, k, eta, batch_size=500, clean=None):
     attacked, _ = _attacked(model, x, y, clean, settings, k, batch_size)
     rows = []
     for eps in eps_values:
-        masks = attacked[(eps, max(eta, 2.5 * eps / k))] if eps > 0 else dict(fgsm=clean, pgd=clean, mim=clean)
+        masks = (
+            attacked[(eps, max(eta, 2.5 * eps / k))] if eps > 0 else dict(fgsm=clean, pgd=clean, mim=clean)
+        )
         rows.append(dict(eps=eps, **{name: float(mask.mean()) for name, mask in masks.items()}))
     return rows

@@ -175,7 +175,11 @@ def code_fingerprint(network_class):
                 continue  # a local variable, a parameter or a builtin
             value, label = namespace[chain[0]], chain[0]
             for attr in chain[1:]:
-                if not isinstance(value, types.ModuleType) or not _is_project(value) or not hasattr(value, attr):
+                if (
+                    not isinstance(value, types.ModuleType)
+                    or not _is_project(value)
+                    or not hasattr(value, attr)
+                ):
                     break
                 value, label = getattr(value, attr), attr
             if isinstance(value, types.ModuleType):
@@ -225,7 +229,9 @@ def key_parts(network, data_manager, batch_size=None, num_epochs=None):
 
 
 def key_of(parts):
-    return hashlib.sha256(json.dumps([parts[p] for p in KEY_PARTS], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([parts[p] for p in KEY_PARTS], sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +290,9 @@ class ExperimentCache:
             network.load(self.model_path(name))
             network.history, network.best_epoch = record["history"], record["best_epoch"]
             run = self._run(name, record, reused=True)
-            print(f"Reused {name}: {run.epochs_run} epochs, trained in {run.seconds:.0f} s ({run.model_path}).")
+            print(
+                f"Reused {name}: {run.epochs_run} epochs, trained in {run.seconds:.0f} s ({run.model_path})."
+            )
             return run
         elif record:
             reasons = stale_reasons(record, parts) or ["model file"]
@@ -367,8 +375,12 @@ def stale_reasons(record, parts):
     recorded = record.get("key_parts")
     if recorded is None:
         return ["key scheme"]
-    return [part for part in KEY_PARTS if json.dumps(recorded[part], sort_keys=True, default=str)
-            != json.dumps(parts[part], sort_keys=True, default=str)]
+    return [
+        part
+        for part in KEY_PARTS
+        if json.dumps(recorded[part], sort_keys=True, default=str)
+        != json.dumps(parts[part], sort_keys=True, default=str)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,10 +403,16 @@ def animals_data(folder=None, max_num_images=500):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="say for every cache entry whether it is current or stale, and why")
+    check = commands.add_parser(
+        "check", help="say for every cache entry whether it is current or stale, and why"
+    )
     check.add_argument("--folder", default=str(PROJECT_DIR), help="folder holding models/ and results/cache/")
-    check.add_argument("--animals", default=None, help="the Animals folder (default: $ANIMALS_DIR or datasets/Animals)")
-    check.add_argument("--max-images", type=int, default=500, help="images per class, as the notebook's profile")
+    check.add_argument(
+        "--animals", default=None, help="the Animals folder (default: $ANIMALS_DIR or datasets/Animals)"
+    )
+    check.add_argument(
+        "--max-images", type=int, default=500, help="images per class, as the notebook's profile"
+    )
     args = parser.parse_args(argv)
 
     import contextlib

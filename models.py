@@ -15,6 +15,7 @@ Conventions: images are float32 arrays of shape (N, H, W, C) with pixels in [-1,
 labels are integer class indices of shape (N,); every network maps images to class
 probabilities (softmax output).
 """
+
 import os
 import warnings
 
@@ -107,7 +108,9 @@ class AnimalsDatasetManager:
                 if verbose > 0 and count % verbose == 0:
                     print(f"Processed {count}/{max_num_images}")
         if skipped:
-            warnings.warn(f"Skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]!r}.", stacklevel=2)
+            warnings.warn(
+                f"Skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]!r}.", stacklevel=2
+            )
         self.data = np.array(images)
         self.labels = np.array(labels)
         return self.data, self.labels
@@ -123,9 +126,11 @@ class AnimalsDatasetManager:
         """Seeded split, the course's arithmetic: test first, then valid out of the rest."""
         valid_size = 1 - (train_size + test_size)
         X_rest, self.X_test, y_rest, self.y_test = train_test_split(
-            self.data, self.labels, test_size=test_size, random_state=rand_seed)
+            self.data, self.labels, test_size=test_size, random_state=rand_seed
+        )
         self.X_train, self.X_valid, self.y_train, self.y_valid = train_test_split(
-            X_rest, y_rest, test_size=valid_size / (valid_size + train_size), random_state=rand_seed)
+            X_rest, y_rest, test_size=valid_size / (valid_size + train_size), random_state=rand_seed
+        )
 
     def next_batch(self, batch_size=32):
         """A random training batch: (batch_size, H, W, C) images and (batch_size,) labels."""
@@ -159,23 +164,45 @@ class DefaultModel:
     ``keras.models.load_model(path, compile=False)``.
     """
 
-    def __init__(self, name='network1', width=32, height=32, depth=3, num_blocks=2, feature_maps=32,
-                 num_classes=4, drop_rate=0.2, batch_norm=None, is_augmentation=False,
-                 activation_func='relu', use_skip=True, optimizer='adam', batch_size=10,
-                 num_epochs=20, learning_rate=0.0001, verbose=True, *, seed=SEED):
+    def __init__(
+        self,
+        name="network1",
+        width=32,
+        height=32,
+        depth=3,
+        num_blocks=2,
+        feature_maps=32,
+        num_classes=4,
+        drop_rate=0.2,
+        batch_norm=None,
+        is_augmentation=False,
+        activation_func="relu",
+        use_skip=True,
+        optimizer="adam",
+        batch_size=10,
+        num_epochs=20,
+        learning_rate=0.0001,
+        verbose=True,
+        *,
+        seed=SEED,
+    ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {optimizer!r}; allowed: {sorted(OPTIMIZERS)}.")
         try:
             keras.activations.get(activation_func)
         except ValueError:
-            raise ValueError(f"Unknown activation {activation_func!r}; use a Keras activation name "
-                             "such as 'relu', 'elu', 'tanh', 'sigmoid'.") from None
+            raise ValueError(
+                f"Unknown activation {activation_func!r}; use a Keras activation name "
+                "such as 'relu', 'elu', 'tanh', 'sigmoid'."
+            ) from None
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate={drop_rate!r} must be in [0, 1).")
-        if not isinstance(num_blocks, int) or num_blocks < 1 or 2 ** num_blocks > min(width, height):
-            raise ValueError(f"num_blocks={num_blocks!r} must be an integer in "
-                             f"[1, {int(np.log2(min(width, height)))}] for {width}x{height} images "
-                             "(each block halves the image).")
+        if not isinstance(num_blocks, int) or num_blocks < 1 or 2**num_blocks > min(width, height):
+            raise ValueError(
+                f"num_blocks={num_blocks!r} must be an integer in "
+                f"[1, {int(np.log2(min(width, height)))}] for {width}x{height} images "
+                "(each block halves the image)."
+            )
         self.name = name
         self.width, self.height, self.depth = width, height, depth
         self.num_blocks = num_blocks
@@ -200,27 +227,45 @@ class DefaultModel:
         """conv32-conv32-avgpool-conv64-conv64-avgpool-flatten-dense softmax (106,538 parameters
         for 32x32x3 inputs and 10 classes)."""
         keras.utils.set_random_seed(self.seed)
-        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding='same', activation=self.activation_func)
-        self.model = keras.Sequential([
-            keras.Input(shape=(self.height, self.width, self.depth)),
-            layers.Conv2D(32, **conv),
-            layers.Conv2D(32, **conv),
-            layers.AveragePooling2D(pool_size=(2, 2), padding='same'),
-            layers.Conv2D(64, **conv),
-            layers.Conv2D(64, **conv),
-            layers.AveragePooling2D(pool_size=(2, 2), padding='same'),
-            layers.Flatten(),
-            layers.Dense(self.num_classes, activation='softmax'),
-        ], name=self.name)
+        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding="same", activation=self.activation_func)
+        self.model = keras.Sequential(
+            [
+                keras.Input(shape=(self.height, self.width, self.depth)),
+                layers.Conv2D(32, **conv),
+                layers.Conv2D(32, **conv),
+                layers.AveragePooling2D(pool_size=(2, 2), padding="same"),
+                layers.Conv2D(64, **conv),
+                layers.Conv2D(64, **conv),
+                layers.AveragePooling2D(pool_size=(2, 2), padding="same"),
+                layers.Flatten(),
+                layers.Dense(self.num_classes, activation="softmax"),
+            ],
+            name=self.name,
+        )
         return self.model
 
-    CONFIG_KEYS = ('width', 'height', 'depth', 'num_blocks', 'feature_maps', 'num_classes',
-                   'drop_rate', 'batch_norm', 'is_augmentation', 'activation_func', 'use_skip',
-                   'optimizer', 'batch_size', 'num_epochs', 'learning_rate', 'seed')
+    CONFIG_KEYS = (
+        "width",
+        "height",
+        "depth",
+        "num_blocks",
+        "feature_maps",
+        "num_classes",
+        "drop_rate",
+        "batch_norm",
+        "is_augmentation",
+        "activation_func",
+        "use_skip",
+        "optimizer",
+        "batch_size",
+        "num_epochs",
+        "learning_rate",
+        "seed",
+    )
 
     def get_config(self):
         """Everything that determines what ``fit`` produces (the experiment cache's key)."""
-        return {'class': type(self).__name__, **{k: getattr(self, k) for k in self.CONFIG_KEYS}}
+        return {"class": type(self).__name__, **{k: getattr(self, k) for k in self.CONFIG_KEYS}}
 
     def summary(self):
         self._require_model()
@@ -242,10 +287,12 @@ class DefaultModel:
     def _train_dataset(self, X, y, batch_size):
         """A shuffled, batched ``tf.data.Dataset`` of (images, one-hot labels)."""
         onehot = keras.utils.to_categorical(y, self.num_classes).astype(np.float32)
-        return (tf.data.Dataset.from_tensor_slices((X, onehot))
-                .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
-                .batch(batch_size)
-                .prefetch(tf.data.AUTOTUNE))
+        return (
+            tf.data.Dataset.from_tensor_slices((X, onehot))
+            .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     def _callbacks(self, data_manager, num_epochs):
         """The callbacks that the model's own options need (early stopping, robust validation)."""
@@ -267,29 +314,38 @@ class DefaultModel:
         total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
         callbacks = [*self._callbacks(data_manager, num_epochs), *callbacks]
         trainer = self._trainer()
-        trainer.compile(optimizer=self._make_optimizer(total_steps),
-                        loss=keras.losses.CategoricalCrossentropy(),
-                        metrics=[keras.metrics.CategoricalAccuracy(name='accuracy')])
+        trainer.compile(
+            optimizer=self._make_optimizer(total_steps),
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
         history = trainer.fit(
             self._train_dataset(data_manager.X_train, data_manager.y_train, batch_size),
-            validation_data=(data_manager.X_valid, keras.utils.to_categorical(
-                data_manager.y_valid, self.num_classes).astype(np.float32)),
+            validation_data=(
+                data_manager.X_valid,
+                keras.utils.to_categorical(data_manager.y_valid, self.num_classes).astype(np.float32),
+            ),
             epochs=num_epochs,
             shuffle=False,  # the dataset reshuffles itself every epoch
             verbose=int(self.verbose),  # 1: progress bar, 2: one line per epoch
             callbacks=callbacks,
         )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-        self.best_epoch = next((cb.best_epoch + 1 for cb in callbacks
-                                if isinstance(cb, keras.callbacks.EarlyStopping)), None)
+        self.best_epoch = next(
+            (cb.best_epoch + 1 for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping)), None
+        )
         return self.history
 
     # ---- evaluation ---------------------------------------------------------------------------
     def predict(self, X, batch_size=256):
         """(N, H, W, C) images in [-1, 1] -> (N,) integer labels."""
         self._require_model()
-        return np.concatenate([np.argmax(self.model(X[i:i + batch_size], training=False), axis=1)
-                               for i in range(0, len(X), batch_size)])
+        return np.concatenate(
+            [
+                np.argmax(self.model(X[i : i + batch_size], training=False), axis=1)
+                for i in range(0, len(X), batch_size)
+            ]
+        )
 
     def compute_accuracy(self, X, y, batch_size=64):
         """Fraction of ``X`` whose predicted label equals ``y``."""
@@ -310,13 +366,16 @@ class DefaultModel:
         idx = np.random.RandomState(seed).choice(len(X), min(rows * cols, len(X)), replace=False)
         predictions = self.predict(X[idx])
         fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows))
-        for ax in axes.ravel()[len(idx):]:
-            ax.axis('off')
+        for ax in axes.ravel()[len(idx) :]:
+            ax.axis("off")
         for ax, i, pred in zip(axes.ravel(), idx, predictions):
             ax.imshow(to_display(X[i]))
-            ax.set_title(f"pred: {classes[pred]}\ntrue: {classes[y[i]]}", fontsize=8,
-                         color='black' if pred == y[i] else 'red')
-            ax.axis('off')
+            ax.set_title(
+                f"pred: {classes[pred]}\ntrue: {classes[y[i]]}",
+                fontsize=8,
+                color="black" if pred == y[i] else "red",
+            )
+            ax.axis("off")
         plt.tight_layout()
         plt.show()
 
@@ -342,12 +401,15 @@ def build_augmenter(seed=SEED):
     pipeline on whole batches (fast, seeded, no Python generator) and, kept outside the network,
     leave the saved ``.h5`` model a plain classifier. Maps (N, H, W, C) in [-1, 1] to the same.
     """
-    return keras.Sequential([
-        layers.RandomFlip('horizontal', seed=seed),
-        layers.RandomTranslation(0.1, 0.1, fill_mode='reflect', seed=seed + 1),
-        layers.RandomRotation(0.05, fill_mode='reflect', seed=seed + 2),
-        layers.RandomZoom(0.1, fill_mode='reflect', seed=seed + 3),
-    ], name='augmenter')
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 1),
+            layers.RandomRotation(0.05, fill_mode="reflect", seed=seed + 2),
+            layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 3),
+        ],
+        name="augmenter",
+    )
 
 
 class YourModel(DefaultModel):
@@ -376,22 +438,68 @@ class YourModel(DefaultModel):
       decay of the learning rate to 0 over ``num_epochs``.
     """
 
-    def __init__(self, name='network1', width=32, height=32, depth=3, num_blocks=2, feature_maps=32,
-                 num_classes=4, drop_rate=0.2, batch_norm=None, is_augmentation=False,
-                 activation_func='relu', use_skip=True, optimizer='adam', batch_size=10,
-                 num_epochs=20, learning_rate=0.0001, verbose=True, *, seed=SEED, patience=None,
-                 mixup_alpha=0.0, adv_eps=0.0, adv_k=10, adv_eta=0.002, adv_val_k=20, sam_rho=0.0,
-                 weight_decay=0.0, lr_schedule=None):
-        super().__init__(name, width, height, depth, num_blocks, feature_maps, num_classes, drop_rate,
-                         batch_norm, is_augmentation, activation_func, use_skip, optimizer, batch_size,
-                         num_epochs, learning_rate, verbose, seed=seed)
-        for option, value in [('mixup_alpha', mixup_alpha), ('adv_eps', adv_eps),
-                              ('sam_rho', sam_rho), ('weight_decay', weight_decay)]:
+    def __init__(
+        self,
+        name="network1",
+        width=32,
+        height=32,
+        depth=3,
+        num_blocks=2,
+        feature_maps=32,
+        num_classes=4,
+        drop_rate=0.2,
+        batch_norm=None,
+        is_augmentation=False,
+        activation_func="relu",
+        use_skip=True,
+        optimizer="adam",
+        batch_size=10,
+        num_epochs=20,
+        learning_rate=0.0001,
+        verbose=True,
+        *,
+        seed=SEED,
+        patience=None,
+        mixup_alpha=0.0,
+        adv_eps=0.0,
+        adv_k=10,
+        adv_eta=0.002,
+        adv_val_k=20,
+        sam_rho=0.0,
+        weight_decay=0.0,
+        lr_schedule=None,
+    ):
+        super().__init__(
+            name,
+            width,
+            height,
+            depth,
+            num_blocks,
+            feature_maps,
+            num_classes,
+            drop_rate,
+            batch_norm,
+            is_augmentation,
+            activation_func,
+            use_skip,
+            optimizer,
+            batch_size,
+            num_epochs,
+            learning_rate,
+            verbose,
+            seed=seed,
+        )
+        for option, value in [
+            ("mixup_alpha", mixup_alpha),
+            ("adv_eps", adv_eps),
+            ("sam_rho", sam_rho),
+            ("weight_decay", weight_decay),
+        ]:
             if value is not None and value < 0:
                 raise ValueError(f"{option}={value!r} must be >= 0 (0 or None turns it off).")
         if patience is not None and patience < 1:
             raise ValueError(f"patience={patience!r} must be a positive integer or None.")
-        if lr_schedule not in (None, 'cosine'):
+        if lr_schedule not in (None, "cosine"):
             raise ValueError(f"lr_schedule={lr_schedule!r}; allowed: None, 'cosine'.")
         self.patience = patience if patience is not None else (3 if is_augmentation else None)
         self.mixup_alpha = mixup_alpha or 0.0
@@ -405,31 +513,32 @@ class YourModel(DefaultModel):
 
     def build_cnn(self):
         keras.utils.set_random_seed(self.seed)
-        inputs = keras.Input(shape=(self.height, self.width, self.depth), name='images')
+        inputs = keras.Input(shape=(self.height, self.width, self.depth), name="images")
         x = inputs
         for i in range(self.num_blocks):
-            x = self._block(x, self.feature_maps * 2 ** i, f'block{i + 1}')
-        x = layers.Flatten(name='flatten')(x)
-        logits = layers.Dense(self.num_classes, name='logits')(x)
-        outputs = layers.Activation('softmax', name='probabilities')(logits)
+            x = self._block(x, self.feature_maps * 2**i, f"block{i + 1}")
+        x = layers.Flatten(name="flatten")(x)
+        logits = layers.Dense(self.num_classes, name="logits")(x)
+        outputs = layers.Activation("softmax", name="probabilities")(logits)
         self.model = keras.Model(inputs, outputs, name=self.name)
         return self.model
 
     def _block(self, x, maps, prefix):
         """One block: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), maps)."""
-        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding='same')
-        first = layers.Conv2D(maps, name=f'{prefix}_conv1', **conv)(x)
-        x = self._batch_norm(first, f'{prefix}_bn1')
-        x = layers.Activation(self.activation_func, name=f'{prefix}_act1')(x)
-        x = layers.Conv2D(maps, name=f'{prefix}_conv2', **conv)(x)
-        x = self._batch_norm(x, f'{prefix}_bn2')
+        conv = dict(kernel_size=(3, 3), strides=(1, 1), padding="same")
+        first = layers.Conv2D(maps, name=f"{prefix}_conv1", **conv)(x)
+        x = self._batch_norm(first, f"{prefix}_bn1")
+        x = layers.Activation(self.activation_func, name=f"{prefix}_act1")(x)
+        x = layers.Conv2D(maps, name=f"{prefix}_conv2", **conv)(x)
+        x = self._batch_norm(x, f"{prefix}_bn2")
         if self.use_skip:
-            x = layers.Add(name=f'{prefix}_skip')([x, first])
-        x = layers.Activation(self.activation_func, name=f'{prefix}_act2')(x)
-        x = layers.AveragePooling2D(pool_size=(2, 2), strides=(2, 2), padding='same',
-                                    name=f'{prefix}_pool')(x)
+            x = layers.Add(name=f"{prefix}_skip")([x, first])
+        x = layers.Activation(self.activation_func, name=f"{prefix}_act2")(x)
+        x = layers.AveragePooling2D(pool_size=(2, 2), strides=(2, 2), padding="same", name=f"{prefix}_pool")(
+            x
+        )
         if self.drop_rate > 0:
-            x = layers.Dropout(self.drop_rate, name=f'{prefix}_dropout')(x)
+            x = layers.Dropout(self.drop_rate, name=f"{prefix}_dropout")(x)
         return x
 
     def _batch_norm(self, x, name):
@@ -437,22 +546,36 @@ class YourModel(DefaultModel):
         # within an epoch of ~60 steps; Keras's 0.99 lags about two epochs behind.
         return layers.BatchNormalization(momentum=0.9, name=name)(x) if self.batch_norm else x
 
-    CONFIG_KEYS = DefaultModel.CONFIG_KEYS + ('patience', 'mixup_alpha', 'adv_eps', 'adv_k',
-                                              'adv_eta', 'adv_val_k', 'sam_rho', 'weight_decay',
-                                              'lr_schedule')
+    CONFIG_KEYS = DefaultModel.CONFIG_KEYS + (
+        "patience",
+        "mixup_alpha",
+        "adv_eps",
+        "adv_k",
+        "adv_eta",
+        "adv_val_k",
+        "sam_rho",
+        "weight_decay",
+        "lr_schedule",
+    )
 
     def _make_optimizer(self, total_steps):
         learning_rate = self.learning_rate
-        if self.lr_schedule == 'cosine':
+        if self.lr_schedule == "cosine":
             learning_rate = keras.optimizers.schedules.CosineDecay(self.learning_rate, total_steps)
-        kwargs = {'weight_decay': self.weight_decay} if self.weight_decay else {}
+        kwargs = {"weight_decay": self.weight_decay} if self.weight_decay else {}
         return OPTIMIZERS[self.optimizer](learning_rate=learning_rate, **kwargs)
 
     def _trainer(self):
         if not (self.mixup_alpha or self.adv_eps or self.sam_rho):
             return self.model
-        return RegularizedTrainer(self.model, mixup_alpha=self.mixup_alpha, adv_eps=self.adv_eps,
-                                  adv_k=self.adv_k, adv_eta=self.adv_eta, sam_rho=self.sam_rho)
+        return RegularizedTrainer(
+            self.model,
+            mixup_alpha=self.mixup_alpha,
+            adv_eps=self.adv_eps,
+            adv_k=self.adv_k,
+            adv_eta=self.adv_eta,
+            sam_rho=self.sam_rho,
+        )
 
     def _train_dataset(self, X, y, batch_size):
         dataset = super()._train_dataset(X, y, batch_size)
@@ -460,20 +583,40 @@ class YourModel(DefaultModel):
             augmenter = build_augmenter(self.seed)
             # one call at a time: the augmenter's seed state then advances in batch order; parallel
             # calls race on it and two runs with the same seed see different augmentations
-            dataset = dataset.map(lambda images, labels: (augmenter(images, training=True), labels)
-                                  ).prefetch(tf.data.AUTOTUNE)
+            dataset = dataset.map(lambda images, labels: (augmenter(images, training=True), labels)).prefetch(
+                tf.data.AUTOTUNE
+            )
         return dataset
 
     def _callbacks(self, data_manager, num_epochs):
         callbacks = []
         if self.adv_eps:
-            callbacks.append(RobustValidation(data_manager.X_valid, data_manager.y_valid,
-                                              eps=self.adv_eps, k=self.adv_val_k, eta=self.adv_eta))
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor='val_pgd_accuracy', mode='max', patience=self.patience or num_epochs,
-                restore_best_weights=True, verbose=int(self.verbose)))
+            callbacks.append(
+                RobustValidation(
+                    data_manager.X_valid,
+                    data_manager.y_valid,
+                    eps=self.adv_eps,
+                    k=self.adv_val_k,
+                    eta=self.adv_eta,
+                )
+            )
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_pgd_accuracy",
+                    mode="max",
+                    patience=self.patience or num_epochs,
+                    restore_best_weights=True,
+                    verbose=int(self.verbose),
+                )
+            )
         elif self.patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor='val_accuracy', mode='max', patience=self.patience,
-                restore_best_weights=True, verbose=int(self.verbose)))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy",
+                    mode="max",
+                    patience=self.patience,
+                    restore_best_weights=True,
+                    verbose=int(self.verbose),
+                )
+            )
         return callbacks

@@ -65,12 +65,14 @@ def before(model, x, y, full):
         rows = []
         for eps in EPS_CURVE:
             eta = max(ETA, 2.5 * eps / K)
-            rows.append(dict(
-                eps=eps,
-                fgsm=attacks.robust_accuracy(model, x, y, attacks.fgsm_attack, eps=eps),
-                pgd=attacks.robust_accuracy(model, x, y, attacks.pgd_attack, eps=eps, k=K, eta=eta),
-                mim=attacks.robust_accuracy(model, x, y, attacks.mim_attack, eps=eps, k=K, eta=eta),
-            ))
+            rows.append(
+                dict(
+                    eps=eps,
+                    fgsm=attacks.robust_accuracy(model, x, y, attacks.fgsm_attack, eps=eps),
+                    pgd=attacks.robust_accuracy(model, x, y, attacks.pgd_attack, eps=eps, k=K, eta=eta),
+                    mim=attacks.robust_accuracy(model, x, y, attacks.mim_attack, eps=eps, k=K, eta=eta),
+                )
+            )
         out["eps_curve"] = rows
     return out
 
@@ -78,7 +80,14 @@ def before(model, x, y, full):
 def after(model, x, y, full):
     tf.random.set_seed(1234)
     out, masks = attacks.evaluate_robustness(
-        model, x, y, eps=EPS, k=K, eta=ETA, strong_k=STRONG_K if full else None, restarts=RESTARTS if full else 0
+        model,
+        x,
+        y,
+        eps=EPS,
+        k=K,
+        eta=ETA,
+        strong_k=STRONG_K if full else None,
+        restarts=RESTARTS if full else 0,
     )
     if full is not None:
         out["eps_curve"] = attacks.eps_curve(model, x, y, EPS_CURVE, k=K, eta=ETA, clean=masks["clean"])
@@ -93,9 +102,15 @@ def same_figures(before, after):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_attack_eval.json"))
-    parser.add_argument("--before-from", default=None, help="an earlier run's JSON whose 'before' half to reuse")
+    parser.add_argument(
+        "--before-from", default=None, help="an earlier run's JSON whose 'before' half to reuse"
+    )
     args = parser.parse_args()
-    earlier = {r["model"]: r for r in json.loads(Path(args.before_from).read_text())["report"]} if args.before_from else {}
+    earlier = (
+        {r["model"]: r for r in json.loads(Path(args.before_from).read_text())["report"]}
+        if args.before_from
+        else {}
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         data = experiments.animals_data()
     x, y = data.X_test, data.y_test
@@ -114,7 +129,10 @@ def main():
         row = {"model": label}
         for name, fn in (("before", before), ("after", after)):
             if name == "before" and label in earlier:
-                row["before"], row["before_seconds"] = earlier[label]["before"], earlier[label]["before_seconds"]
+                row["before"], row["before_seconds"] = (
+                    earlier[label]["before"],
+                    earlier[label]["before_seconds"],
+                )
             else:
                 started = time.perf_counter()
                 row[name] = fn(model, x, y, full)
@@ -123,13 +141,18 @@ def main():
         row["identical"] = same_figures(row["before"], row["after"])
         row["as_recorded"] = all(row["after"][k] == v for k, v in expected.items() if k in row["after"])
         report.append(row)
-        print(f"{label}: before {row['before_seconds']:.1f} s, after {row['after_seconds']:.1f} s "
-              f"({row['after_seconds'] / row['before_seconds']:.2f}x); identical figures: {row['identical']}; "
-              f"equal to results/part3.json: {row['as_recorded']}", flush=True)
+        print(
+            f"{label}: before {row['before_seconds']:.1f} s, after {row['after_seconds']:.1f} s "
+            f"({row['after_seconds'] / row['before_seconds']:.2f}x); identical figures: {row['identical']}; "
+            f"equal to results/part3.json: {row['as_recorded']}",
+            flush=True,
+        )
         if not row["identical"]:
             print("  before:", row["before"], "\n  after: ", row["after"])
-    print(f"total: before {totals['before']:.1f} s, after {totals['after']:.1f} s "
-          f"({totals['after'] / totals['before']:.2f}x), load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"total: before {totals['before']:.1f} s, after {totals['after']:.1f} s "
+        f"({totals['after'] / totals['before']:.2f}x), load average {os.getloadavg()[0]:.1f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(report=report, totals=totals, load=os.getloadavg()), indent=1))
 

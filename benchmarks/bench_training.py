@@ -22,6 +22,7 @@ load average is recorded and a warning is printed when other jobs are running.
 
 Prints a Markdown table and writes ``runs/benchmark.json`` (``--out``).
 """
+
 import argparse
 import os
 import platform
@@ -43,8 +44,18 @@ import models  # noqa: E402
 from storage import write_json  # noqa: E402
 
 EPS, ETA = 0.0313, 0.002
-BASE = dict(num_blocks=3, feature_maps=32, num_classes=10, batch_norm=True, use_skip=True, drop_rate=0.2,
-            optimizer="adam", learning_rate=1e-3, batch_size=64, verbose=False)
+BASE = dict(
+    num_blocks=3,
+    feature_maps=32,
+    num_classes=10,
+    batch_norm=True,
+    use_skip=True,
+    drop_rate=0.2,
+    optimizer="adam",
+    learning_rate=1e-3,
+    batch_size=64,
+    verbose=False,
+)
 CONFIGS = {
     "clean": {},
     # patience far beyond the run: augmentation's default early stopping must not cut a timed epoch
@@ -65,8 +76,14 @@ def machine():
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return dict(nproc=len(os.sched_getaffinity(0)), cpu=cpu, python=platform.python_version(),
-                tensorflow=tf.__version__, keras=keras.__version__, load_average=list(os.getloadavg()))
+    return dict(
+        nproc=len(os.sched_getaffinity(0)),
+        cpu=cpu,
+        python=platform.python_version(),
+        tensorflow=tf.__version__,
+        keras=keras.__version__,
+        load_average=list(os.getloadavg()),
+    )
 
 
 def load_data(args):
@@ -117,9 +134,13 @@ def time_training(name, options, manager, epochs):
     print(f"{name}: 1 warm-up + {epochs} timed epochs", flush=True)
     # extra callbacks run last: the timer sees RobustValidation's per-epoch PGD evaluation
     net.fit(manager, num_epochs=1 + epochs, callbacks=[timer])
-    return dict(train_s=statistics.median(timer.train[1:]), epoch_s=statistics.median(timer.epoch[1:]),
-                train_all_s=timer.train, epoch_all_s=timer.epoch,
-                final_val_accuracy=net.history["val_accuracy"][-1]), net
+    return dict(
+        train_s=statistics.median(timer.train[1:]),
+        epoch_s=statistics.median(timer.epoch[1:]),
+        train_all_s=timer.train,
+        epoch_all_s=timer.epoch,
+        final_val_accuracy=net.history["val_accuracy"][-1],
+    ), net
 
 
 def time_call(function, repeats):
@@ -138,40 +159,65 @@ def time_pgd(model, x, y, repeats):
 
     logits_fn = attacks.logits_model(model)
     ours_s, ours = time_call(lambda: attacks.pgd_attack(model, x, y, eps=EPS, k=20, eta=ETA), repeats)
-    theirs_s, theirs = time_call(lambda: projected_gradient_descent(
-        logits_fn, tf.constant(x), EPS, ETA, 20, np.inf, clip_min=-1.0, clip_max=1.0,
-        y=tf.constant(y), rand_init=False), repeats)
+    theirs_s, theirs = time_call(
+        lambda: projected_gradient_descent(
+            logits_fn,
+            tf.constant(x),
+            EPS,
+            ETA,
+            20,
+            np.inf,
+            clip_min=-1.0,
+            clip_max=1.0,
+            y=tf.constant(y),
+            rand_init=False,
+        ),
+        repeats,
+    )
     agree = float(np.mean(np.isclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-6)))
-    return dict(images=len(x), ours_s=ours_s, cleverhans_s=theirs_s, speedup=theirs_s / ours_s,
-                pixels_agree=agree)
+    return dict(
+        images=len(x), ours_s=ours_s, cleverhans_s=theirs_s, speedup=theirs_s / ours_s, pixels_agree=agree
+    )
 
 
 def markdown(result):
     m = result["machine"]
-    lines = [f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, TensorFlow {m['tensorflow']}, "
-             f"Keras {m['keras']}; load average at start {m['load_average'][0]:.2f}. "
-             f"{result['train_images']} training images, {result['timed_epochs']} timed epochs after 1 warm-up "
-             f"(medians).", "",
-             "| training | epoch (s) | x clean | training pass (s) | x clean | target |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, TensorFlow {m['tensorflow']}, "
+        f"Keras {m['keras']}; load average at start {m['load_average'][0]:.2f}. "
+        f"{result['train_images']} training images, {result['timed_epochs']} timed epochs after 1 warm-up "
+        f"(medians).",
+        "",
+        "| training | epoch (s) | x clean | training pass (s) | x clean | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     clean = result["training"]["clean"]
     for name, row in result["training"].items():
         target = f"<= {TARGETS[name]}x" if name in TARGETS else ""
-        lines.append(f"| {name} | {row['epoch_s']:.2f} | {row['epoch_s'] / clean['epoch_s']:.2f} "
-                     f"| {row['train_s']:.2f} | {row['train_s'] / clean['train_s']:.2f} | {target} |")
+        lines.append(
+            f"| {name} | {row['epoch_s']:.2f} | {row['epoch_s'] / clean['epoch_s']:.2f} "
+            f"| {row['train_s']:.2f} | {row['train_s'] / clean['train_s']:.2f} | {target} |"
+        )
     if "pgd20" in result:
         p = result["pgd20"]
-        lines += ["", "| PGD-20 on the test images | seconds | |", "|---|---:|---|",
-                  f"| ours (`attacks.pgd_attack`) | {p['ours_s']:.2f} | |",
-                  f"| cleverhans `projected_gradient_descent` | {p['cleverhans_s']:.2f} | |",
-                  f"| speed-up (cleverhans / ours) | {p['speedup']:.2f}x | target >= {PGD_TARGET}x |",
-                  "", f"{p['images']} images; {p['pixels_agree']:.2%} of pixels agree (atol 1e-6)."]
+        lines += [
+            "",
+            "| PGD-20 on the test images | seconds | |",
+            "|---|---:|---|",
+            f"| ours (`attacks.pgd_attack`) | {p['ours_s']:.2f} | |",
+            f"| cleverhans `projected_gradient_descent` | {p['cleverhans_s']:.2f} | |",
+            f"| speed-up (cleverhans / ours) | {p['speedup']:.2f}x | target >= {PGD_TARGET}x |",
+            "",
+            f"{p['images']} images; {p['pixels_agree']:.2%} of pixels agree (atol 1e-6).",
+        ]
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per configuration (after 1 warm-up)")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="timed epochs per configuration (after 1 warm-up)"
+    )
     parser.add_argument("--quick", action="store_true", help="100 images per class (800 train, 100 test)")
     parser.add_argument("--npz", help="cache of the loaded split: read if it exists, else written")
     parser.add_argument("--animals-dir", help="default: $ANIMALS_DIR, else datasets/Animals")
@@ -183,12 +229,20 @@ def main(argv=None):
 
     info = machine()
     if info["load_average"][0] > 0.5 * info["nproc"]:
-        print(f"warning: load average {info['load_average'][0]:.2f} on {info['nproc']} cores: other jobs are "
-              "running, the ratios are unreliable", flush=True)
+        print(
+            f"warning: load average {info['load_average'][0]:.2f} on {info['nproc']} cores: other jobs are "
+            "running, the ratios are unreliable",
+            flush=True,
+        )
     configs = ["clean"] + [c for c in args.configs if c != "clean"]
     manager = load_data(args)
-    result = dict(machine=info, quick=args.quick, timed_epochs=args.epochs, train_images=len(manager.X_train),
-                  training={})
+    result = dict(
+        machine=info,
+        quick=args.quick,
+        timed_epochs=args.epochs,
+        train_images=len(manager.X_train),
+        training={},
+    )
     clean_net = None
     for name in configs:
         result["training"][name], net = time_training(name, CONFIGS[name], manager, args.epochs)

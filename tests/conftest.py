@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository root, the Animals data location, and one quick-profile run of each
 notebook per test session (in a committed copy of the working tree), shared by the tests that need one."""
+
 import os
 import shutil
 import subprocess
@@ -29,14 +30,17 @@ def animals():
     """The Animals folder; skips the test when the images are absent."""
     path = animals_dir()
     if path is None:
-        pytest.skip("Animals data absent: put it in datasets/Animals or set ANIMALS_DIR (see datasets/README.md)")
+        pytest.skip(
+            "Animals data absent: put it in datasets/Animals or set ANIMALS_DIR (see datasets/README.md)"
+        )
     return path
 
 
 def run(cmd, cwd=REPO_ROOT, env=None, timeout=300):
     """Run a command; CompletedProcess with text stdout/stderr."""
-    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def git(*args, cwd):
@@ -71,8 +75,24 @@ def quick_profile_run(tmp_path_factory):
             checkout = tmp_path_factory.mktemp(Path(notebook).stem) / "checkout"
             checkout_copy(checkout)
             (checkout / "runs" / "quick").mkdir(parents=True)
-            proc = run([sys.executable, "-m", "papermill", notebook, f"runs/quick/{notebook}", "-p", "PROFILE",
-                        "quick", "-k", "python3", "--cwd", str(checkout)], cwd=checkout, timeout=1200)
+            proc = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "papermill",
+                    notebook,
+                    f"runs/quick/{notebook}",
+                    "-p",
+                    "PROFILE",
+                    "quick",
+                    "-k",
+                    "python3",
+                    "--cwd",
+                    str(checkout),
+                ],
+                cwd=checkout,
+                timeout=1200,
+            )
             done[notebook] = (checkout, proc)
         return done[notebook]
 

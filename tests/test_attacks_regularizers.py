@@ -12,6 +12,7 @@ the images. A model trained clean leans on the weak pattern, which a PGD perturb
 erases; adversarial training shifts weight to the patch. That gives the adversarial-training test a
 margin to find within two short epochs.
 """
+
 import os
 
 import matplotlib
@@ -48,7 +49,7 @@ def synthetic(n, seed, weak=0.06, patch=0.3, reliability=0.7, noise=0.3):
     x = weak * templates[y] + noise * rng.randn(n, SIZE, SIZE, 3)
     marked = np.where(rng.rand(n) < reliability, y, rng.randint(0, CLASSES, n))
     for i, c in enumerate(marked):
-        x[i, 2:6, 2 + 4 * c:6 + 4 * c, :] += patch
+        x[i, 2:6, 2 + 4 * c : 6 + 4 * c, :] += patch
     return np.clip(x, -1, 1).astype(np.float32), y
 
 
@@ -59,8 +60,19 @@ def manager_of(x_train, y_train, x_valid, y_valid):
 
 
 def net_of(**kwargs):
-    defaults = dict(width=SIZE, height=SIZE, num_blocks=2, feature_maps=8, num_classes=CLASSES, drop_rate=0.0,
-                    batch_norm=True, batch_size=32, num_epochs=2, learning_rate=1e-3, verbose=False)
+    defaults = dict(
+        width=SIZE,
+        height=SIZE,
+        num_blocks=2,
+        feature_maps=8,
+        num_classes=CLASSES,
+        drop_rate=0.0,
+        batch_norm=True,
+        batch_size=32,
+        num_epochs=2,
+        learning_rate=1e-3,
+        verbose=False,
+    )
     return YourModel(**{**defaults, **kwargs})
 
 
@@ -90,8 +102,9 @@ def assert_matches(ours, theirs, model):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     agree = np.mean(np.isclose(ours, theirs, rtol=0, atol=1e-6))
     assert agree >= 0.99, f"only {agree:.4%} of pixels agree with cleverhans"
-    np.testing.assert_array_equal(np.argmax(model(ours, training=False), axis=1),
-                                  np.argmax(model(theirs, training=False), axis=1))
+    np.testing.assert_array_equal(
+        np.argmax(model(ours, training=False), axis=1), np.argmax(model(theirs, training=False), axis=1)
+    )
     return agree
 
 
@@ -108,25 +121,52 @@ def test_model_is_trained_and_attackable(clean_net, batch):
 def test_fgsm_matches_cleverhans(clean_net, batch):
     x, y = batch
     ours = attacks.fgsm_attack(clean_net.model, x, y, eps=EPS)
-    theirs = fast_gradient_method(attacks.logits_model(clean_net.model), tf.constant(x), EPS, np.inf,
-                                  clip_min=-1.0, clip_max=1.0, y=tf.constant(y))
+    theirs = fast_gradient_method(
+        attacks.logits_model(clean_net.model),
+        tf.constant(x),
+        EPS,
+        np.inf,
+        clip_min=-1.0,
+        clip_max=1.0,
+        y=tf.constant(y),
+    )
     assert_matches(ours, theirs, clean_net.model)
 
 
 def test_pgd_matches_cleverhans(clean_net, batch):
     x, y = batch
     ours = attacks.pgd_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, random_start=False)
-    theirs = projected_gradient_descent(attacks.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
-                                        clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
+    theirs = projected_gradient_descent(
+        attacks.logits_model(clean_net.model),
+        tf.constant(x),
+        EPS,
+        ETA,
+        K,
+        np.inf,
+        clip_min=-1.0,
+        clip_max=1.0,
+        y=tf.constant(y),
+        rand_init=False,
+    )
     assert_matches(ours, theirs, clean_net.model)
 
 
 def test_mim_matches_cleverhans(clean_net, batch):
     x, y = batch
     ours = attacks.mim_attack(clean_net.model, x, y, eps=EPS, k=K, eta=ETA, decay=1.0)
-    theirs = momentum_iterative_method(attacks.logits_model(clean_net.model), tf.constant(x), EPS, ETA, K, np.inf,
-                                       clip_min=-1.0, clip_max=1.0, y=tf.constant(y), decay_factor=1.0,
-                                       sanity_checks=False)
+    theirs = momentum_iterative_method(
+        attacks.logits_model(clean_net.model),
+        tf.constant(x),
+        EPS,
+        ETA,
+        K,
+        np.inf,
+        clip_min=-1.0,
+        clip_max=1.0,
+        y=tf.constant(y),
+        decay_factor=1.0,
+        sanity_checks=False,
+    )
     assert_matches(ours, theirs, clean_net.model)
 
 
@@ -161,8 +201,18 @@ def test_attacks_on_the_baseline_sequential_model():
     rng = np.random.RandomState(1)
     x, y = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), rng.randint(0, 3, 8)
     ours = attacks.pgd_attack(model, x, y, eps=EPS, k=5, eta=ETA)
-    theirs = projected_gradient_descent(attacks.logits_model(model), tf.constant(x), EPS, ETA, 5, np.inf,
-                                        clip_min=-1.0, clip_max=1.0, y=tf.constant(y), rand_init=False)
+    theirs = projected_gradient_descent(
+        attacks.logits_model(model),
+        tf.constant(x),
+        EPS,
+        ETA,
+        5,
+        np.inf,
+        clip_min=-1.0,
+        clip_max=1.0,
+        y=tf.constant(y),
+        rand_init=False,
+    )
     assert_matches(ours, theirs, model)
 
 
@@ -181,16 +231,21 @@ def random_images(seed, n, saturated):
 ATTACKS = {
     "fgsm": lambda model, x, y, eps: attacks.fgsm_attack(model, x, y, eps=eps),
     "pgd": lambda model, x, y, eps: attacks.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA),
-    "pgd_random_start": lambda model, x, y, eps: attacks.pgd_attack(model, x, y, eps=eps, k=5, eta=ETA,
-                                                                   random_start=True),
+    "pgd_random_start": lambda model, x, y, eps: attacks.pgd_attack(
+        model, x, y, eps=eps, k=5, eta=ETA, random_start=True
+    ),
     "mim": lambda model, x, y, eps: attacks.mim_attack(model, x, y, eps=eps, k=5, eta=ETA),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 @PROPERTY
-@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(1, 6), saturated=st.sampled_from([0.0, 0.3]),
-       eps=st.floats(0.0, 0.1))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 6),
+    saturated=st.sampled_from([0.0, 0.3]),
+    eps=st.floats(0.0, 0.1),
+)
 def test_attack_stays_in_eps_ball_and_pixel_range(clean_net, name, seed, n, saturated, eps):
     x, y = random_images(seed, n, saturated)
     adv = np.asarray(ATTACKS[name](clean_net.model, x, y, eps))
@@ -201,7 +256,7 @@ def test_attack_stays_in_eps_ball_and_pixel_range(clean_net, name, seed, n, satu
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 @PROPERTY
-@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(1, 6))
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6))
 def test_eps_zero_returns_x(clean_net, name, seed, n):
     x, y = random_images(seed, n, 0.3)
     np.testing.assert_array_equal(np.asarray(ATTACKS[name](clean_net.model, x, y, 0.0)), x)
@@ -228,9 +283,13 @@ def test_pgd_at_least_as_strong_as_fgsm(clean_net, data, eps):
 
 def test_robust_accuracy_batches_and_clean_accuracy(clean_net, data):
     x, y = data.X_valid, data.y_valid
-    assert attacks.robust_accuracy(clean_net.model, x, y, None, batch_size=7) == clean_net.compute_accuracy(x, y)
+    assert attacks.robust_accuracy(clean_net.model, x, y, None, batch_size=7) == clean_net.compute_accuracy(
+        x, y
+    )
     whole = attacks.robust_accuracy(clean_net.model, x, y, attacks.pgd_attack, eps=EPS, k=5, eta=ETA)
-    batched = attacks.robust_accuracy(clean_net.model, x, y, attacks.pgd_attack, batch_size=32, eps=EPS, k=5, eta=ETA)
+    batched = attacks.robust_accuracy(
+        clean_net.model, x, y, attacks.pgd_attack, batch_size=32, eps=EPS, k=5, eta=ETA
+    )
     assert whole == batched
 
 
@@ -257,8 +316,12 @@ def test_mixup_batch_is_the_exact_convex_combination():
     y = np.eye(3, dtype=np.float32)[rng.randint(0, 3, 5)]
     lam, perm = 0.3, np.array([2, 0, 4, 1, 3])
     x_mixed, y_mixed = training.mixup_batch(tf.constant(x), tf.constant(y), lam, tf.constant(perm))
-    np.testing.assert_allclose(x_mixed, np.float32(lam) * x + np.float32(1 - lam) * x[perm], rtol=0, atol=1e-7)
-    np.testing.assert_allclose(y_mixed, np.float32(lam) * y + np.float32(1 - lam) * y[perm], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        x_mixed, np.float32(lam) * x + np.float32(1 - lam) * x[perm], rtol=0, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        y_mixed, np.float32(lam) * y + np.float32(1 - lam) * y[perm], rtol=0, atol=1e-7
+    )
     np.testing.assert_allclose(np.sum(y_mixed, axis=1), 1.0, atol=1e-6)
     same_x, same_y = training.mixup_batch(tf.constant(x), tf.constant(y), 1.0, tf.constant(perm))
     np.testing.assert_array_equal(same_x, x)
@@ -307,11 +370,13 @@ def test_sam_step_equals_hand_computed_update(rho, sequential):
     net, x, y, w, b = tiny_dense(sequential=sequential)
     lr = 0.1
     trainer = training.RegularizedTrainer(net, sam_rho=rho)
-    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=lr), loss=keras.losses.CategoricalCrossentropy())
+    trainer.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=lr), loss=keras.losses.CategoricalCrossentropy()
+    )
     history = trainer.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
 
     loss, gw, gb = softmax_ce_gradients(x, y, w, b)
-    norm = np.sqrt(np.sum(gw ** 2) + np.sum(gb ** 2))
+    norm = np.sqrt(np.sum(gw**2) + np.sum(gb**2))
     _, sharp_gw, sharp_gb = softmax_ce_gradients(x, y, w + rho * gw / norm, b + rho * gb / norm)
     new_w, new_b = net.get_weights()
     np.testing.assert_allclose(new_w, w - lr * sharp_gw, rtol=0, atol=1e-5)
@@ -358,8 +423,10 @@ def test_adversarial_training_raises_pgd_accuracy(clean_net, adv_net, data):
     x, y = data.X_valid, data.y_valid
     robust = {}
     for name, net in [("clean", clean_net), ("adv", adv_net)]:
-        robust[name] = {k: attacks.robust_accuracy(net.model, x, y, attacks.pgd_attack, eps=EPS, k=k, eta=ETA)
-                        for k in (10, 20)}
+        robust[name] = {
+            k: attacks.robust_accuracy(net.model, x, y, attacks.pgd_attack, eps=EPS, k=k, eta=ETA)
+            for k in (10, 20)
+        }
     print(f"PGD validation accuracy, clean vs adversarial training: {robust}")
     assert robust["adv"][20] >= robust["clean"][20] + 0.05
     assert robust["adv"][10] > robust["clean"][10]
@@ -370,8 +437,15 @@ def test_adversarial_training_keeps_the_most_robust_epoch(adv_net, data):
     history = adv_net.history
     assert len(history["val_pgd_accuracy"]) == len(history["val_accuracy"]) == 2
     assert adv_net.best_epoch == int(np.argmax(history["val_pgd_accuracy"])) + 1
-    kept = attacks.robust_accuracy(adv_net.model, data.X_valid, data.y_valid, attacks.pgd_attack,
-                                  eps=EPS, k=adv_net.adv_val_k, eta=adv_net.adv_eta)
+    kept = attacks.robust_accuracy(
+        adv_net.model,
+        data.X_valid,
+        data.y_valid,
+        attacks.pgd_attack,
+        eps=EPS,
+        k=adv_net.adv_val_k,
+        eta=adv_net.adv_eta,
+    )
     assert kept == pytest.approx(max(history["val_pgd_accuracy"]), abs=1e-9)
 
 
@@ -384,8 +458,17 @@ OPTIONS = {
     "sam": dict(sam_rho=0.05),
     "augmentation+patience": dict(is_augmentation=True, patience=2),
     "cosine+weight_decay": dict(lr_schedule="cosine", weight_decay=1e-4),
-    "all": dict(mixup_alpha=0.2, adv_eps=EPS, adv_k=2, sam_rho=0.05, is_augmentation=True, patience=1,
-                lr_schedule="cosine", weight_decay=1e-4, drop_rate=0.2),
+    "all": dict(
+        mixup_alpha=0.2,
+        adv_eps=EPS,
+        adv_k=2,
+        sam_rho=0.05,
+        is_augmentation=True,
+        patience=1,
+        lr_schedule="cosine",
+        weight_decay=1e-4,
+        drop_rate=0.2,
+    ),
 }
 
 
@@ -407,8 +490,10 @@ def test_option_trains_and_round_trips_through_h5(option, data, tmp_path):
     path = str(tmp_path / f"{option}.h5")
     net.save(path)
     loaded = keras.models.load_model(path, compile=False)
-    np.testing.assert_array_equal(np.asarray(loaded(small.X_valid, training=False)),
-                                  np.asarray(net.model(small.X_valid, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded(small.X_valid, training=False)),
+        np.asarray(net.model(small.X_valid, training=False)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,8 +503,9 @@ def test_option_trains_and_round_trips_through_h5(option, data, tmp_path):
 def report(clean_net, data):
     x, y = data.X_valid[:120], data.y_valid[:120]
     tf.random.set_seed(0)
-    accuracy, masks = attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, strong_k=8,
-                                                  restarts=3, batch_size=50)
+    accuracy, masks = attacks.evaluate_robustness(
+        clean_net.model, x, y, eps=EPS, k=5, eta=ETA, strong_k=8, restarts=3, batch_size=50
+    )
     return x, y, accuracy, masks
 
 
@@ -430,12 +516,15 @@ def test_evaluation_equals_attacking_every_image(clean_net, report):
     model = clean_net.model
     clean = attacks.robust_correct(model, x, y, None)
     np.testing.assert_array_equal(masks["clean"], clean)
-    for name, attack, kwargs in [("fgsm", attacks.fgsm_attack, dict(eps=EPS)),
-                                 ("pgd", attacks.pgd_attack, dict(eps=EPS, k=5, eta=ETA)),
-                                 ("mim", attacks.mim_attack, dict(eps=EPS, k=5, eta=ETA)),
-                                 ("pgd_strong", attacks.pgd_attack, dict(eps=EPS, k=8, eta=ETA))]:
-        np.testing.assert_array_equal(masks[name], clean & attacks.robust_correct(model, x, y, attack, **kwargs),
-                                      err_msg=name)
+    for name, attack, kwargs in [
+        ("fgsm", attacks.fgsm_attack, dict(eps=EPS)),
+        ("pgd", attacks.pgd_attack, dict(eps=EPS, k=5, eta=ETA)),
+        ("mim", attacks.mim_attack, dict(eps=EPS, k=5, eta=ETA)),
+        ("pgd_strong", attacks.pgd_attack, dict(eps=EPS, k=8, eta=ETA)),
+    ]:
+        np.testing.assert_array_equal(
+            masks[name], clean & attacks.robust_correct(model, x, y, attack, **kwargs), err_msg=name
+        )
     assert 0 < accuracy["pgd"] < accuracy["clean"], "the attacks must change some predictions for this test"
 
 
@@ -453,8 +542,9 @@ def test_more_restarts_never_raise_robust_accuracy(clean_net, report):
     previous = 1.0
     for restarts in (1, 2, 4):
         tf.random.set_seed(0)
-        accuracy, _ = attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, restarts=restarts,
-                                                  batch_size=50)
+        accuracy, _ = attacks.evaluate_robustness(
+            clean_net.model, x, y, eps=EPS, k=5, eta=ETA, restarts=restarts, batch_size=50
+        )
         assert accuracy["pgd_random_restarts"] <= previous
         previous = accuracy["pgd_random_restarts"]
 
@@ -466,8 +556,18 @@ def test_restarts_equal_independent_random_start_attacks(clean_net, report):
     tf.random.set_seed(0)
     survived = attacks.robust_correct(clean_net.model, x, y, None)
     for seed in range(3):
-        survived &= attacks.robust_correct(clean_net.model, x, y, attacks.pgd_attack, batch_size=50, eps=EPS, k=5,
-                                           eta=ETA, random_start=True, seed=seed)
+        survived &= attacks.robust_correct(
+            clean_net.model,
+            x,
+            y,
+            attacks.pgd_attack,
+            batch_size=50,
+            eps=EPS,
+            k=5,
+            eta=ETA,
+            random_start=True,
+            seed=seed,
+        )
     np.testing.assert_array_equal(masks["pgd_random_restarts"], survived)
 
 

@@ -69,15 +69,18 @@ def move_sample_beta_to_attacks(name, text):
 
 def reword_docstrings_and_layout(name, text):
     text = text.replace('"""Projection onto the L-infinity ball', '"""Clips to the L-infinity ball')
-    text = text.replace("    return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), CLIP_MIN, CLIP_MAX)",
-                        "    return tf.clip_by_value(\n        tf.clip_by_value(x_adv, x - eps, x + eps),  # the ball\n"
-                        "        CLIP_MIN,\n        CLIP_MAX,\n    )")
+    text = text.replace(
+        "    return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), CLIP_MIN, CLIP_MAX)",
+        "    return tf.clip_by_value(\n        tf.clip_by_value(x_adv, x - eps, x + eps),  # the ball\n"
+        "        CLIP_MIN,\n        CLIP_MAX,\n    )",
+    )
     return text
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "edit", [comment_every_definition, move_sample_beta_to_attacks, reword_docstrings_and_layout],
+    "edit",
+    [comment_every_definition, move_sample_beta_to_attacks, reword_docstrings_and_layout],
     ids=["comments", "moved-function", "docstring-and-layout"],
 )
 def test_refactoring_keeps_the_code_fingerprint(edit, original, tmp_path):
@@ -92,11 +95,26 @@ def test_refactoring_keeps_the_code_fingerprint(edit, original, tmp_path):
     "module, old, new, changes",
     [
         ("attacks.py", "CLIP_MIN, CLIP_MAX = -1.0, 1.0", "CLIP_MIN, CLIP_MAX = -1.0, 0.99", ["YourModel"]),
-        ("training.py", "lam = tf.cast(lam, x.dtype)", "lam = tf.cast(lam, x.dtype)", []),  # the test's control
+        (
+            "training.py",
+            "lam = tf.cast(lam, x.dtype)",
+            "lam = tf.cast(lam, x.dtype)",
+            [],
+        ),  # the test's control
         ("models.py", "momentum=0.9", "momentum=0.99", ["YourModel"]),
         ("models.py", "SEED = 1234", "SEED = 4321", ["DefaultModel", "YourModel"]),
-        ("training.py", "a = tf.random.gamma([], alpha)", "a = tf.random.gamma([], alpha + 0.0)", ["YourModel"]),
-        ("models.py", '"adam": keras.optimizers.Adam,', '"adam": keras.optimizers.AdamW,', ["DefaultModel", "YourModel"]),
+        (
+            "training.py",
+            "a = tf.random.gamma([], alpha)",
+            "a = tf.random.gamma([], alpha + 0.0)",
+            ["YourModel"],
+        ),
+        (
+            "models.py",
+            '"adam": keras.optimizers.Adam,',
+            '"adam": keras.optimizers.AdamW,',
+            ["DefaultModel", "YourModel"],
+        ),
     ],
     ids=["clip-bound", "no-op", "bn-momentum", "seed", "beta-sampler", "optimizer-table"],
 )
@@ -114,15 +132,27 @@ def tiny_data(n=40, size=16, seed=0):
     rng = np.random.RandomState(seed)
     manager = AnimalsDatasetManager()
     y = rng.randint(0, 3, 2 * n)
-    x = np.clip(rng.normal(0, 0.3, (2 * n, size, size, 3)) + np.linspace(-0.6, 0.6, 3)[y, None, None, None], -1, 1)
+    x = np.clip(
+        rng.normal(0, 0.3, (2 * n, size, size, 3)) + np.linspace(-0.6, 0.6, 3)[y, None, None, None], -1, 1
+    )
     manager.X_train, manager.y_train = x[:n].astype(np.float32), y[:n]
     manager.X_valid, manager.y_valid = x[n:].astype(np.float32), y[n:]
     return manager
 
 
 def tiny_net(**kwargs):
-    defaults = dict(width=16, height=16, num_blocks=1, feature_maps=4, num_classes=3, batch_norm=True,
-                    batch_size=16, num_epochs=2, learning_rate=1e-3, verbose=False)
+    defaults = dict(
+        width=16,
+        height=16,
+        num_blocks=1,
+        feature_maps=4,
+        num_classes=3,
+        batch_norm=True,
+        batch_size=16,
+        num_epochs=2,
+        learning_rate=1e-3,
+        verbose=False,
+    )
     return YourModel(**{**defaults, **kwargs})
 
 
@@ -145,8 +175,11 @@ def test_second_fit_reuses_the_entry(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "change, reason",
-    [(dict(network=dict(learning_rate=1e-2)), "config"), (dict(fit=dict(num_epochs=1)), "config"),
-     (dict(data_seed=1), "data")],
+    [
+        (dict(network=dict(learning_rate=1e-2)), "config"),
+        (dict(fit=dict(num_epochs=1)), "config"),
+        (dict(data_seed=1), "data"),
+    ],
     ids=["learning-rate", "fit-epochs", "data"],
 )
 def test_a_changed_key_part_retrains_and_says_why(change, reason, tmp_path, capsys):
@@ -168,7 +201,9 @@ def test_check_reports_current_and_stale_entries(tmp_path):
     data = tiny_data()
     cache = ExperimentCache(tmp_path, data)
     cache.fit(tiny_net(), "a")
-    cache.fit(DefaultModel(width=16, height=16, num_classes=3, batch_size=16, num_epochs=1, verbose=False), "grid/b")
+    cache.fit(
+        DefaultModel(width=16, height=16, num_classes=3, batch_size=16, num_epochs=1, verbose=False), "grid/b"
+    )
     assert cache.check() == [("a", []), ("grid/b", [])]
     assert ExperimentCache(tmp_path, tiny_data(seed=1)).check() == [("a", ["data"]), ("grid/b", ["data"])]
     (tmp_path / "models" / "a.h5").unlink()
@@ -200,9 +235,16 @@ KILLED_RUN = textwrap.dedent(
 
 
 def run_killable(folder, pause):
-    script = KILLED_RUN.format(root=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), folder=str(folder), pause=pause)
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    script = KILLED_RUN.format(
+        root=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"), folder=str(folder), pause=pause
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
 
 
 @pytest.mark.slow
@@ -220,7 +262,9 @@ def test_a_run_killed_mid_epoch_leaves_nothing_and_reruns(tmp_path):
     rerun = run_killable(tmp_path, pause=False)
     assert rerun.communicate(timeout=300)[0].split()[-1] == "TRAINED"
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
-        os.path.join("models", "killed.h5"), os.path.join("results", "cache", "killed.json")]
+        os.path.join("models", "killed.h5"),
+        os.path.join("results", "cache", "killed.json"),
+    ]
     again = run_killable(tmp_path, pause=False)
     assert again.communicate(timeout=300)[0].split()[-1] == "REUSED"
 
@@ -229,9 +273,20 @@ def test_a_run_killed_mid_epoch_leaves_nothing_and_reruns(tmp_path):
 # The command on the committed entries
 # ------------------------------------------------------------------------------------------------
 def check_command(folder, library=REPO_ROOT):
-    env = {**os.environ, "PYTHONPATH": str(library), "TF_CPP_MIN_LOG_LEVEL": "3", "ANIMALS_DIR": str(animals_dir())}
-    return subprocess.run([sys.executable, "-m", "experiments", "check", "--folder", str(folder)],
-                          cwd=library, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(library),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "ANIMALS_DIR": str(animals_dir()),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "experiments", "check", "--folder", str(folder)],
+        cwd=library,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 needs_animals = pytest.mark.skipif(animals_dir() is None, reason="Animals data absent")
@@ -241,9 +296,18 @@ needs_animals = pytest.mark.skipif(animals_dir() is None, reason="Animals data a
 @needs_animals
 @pytest.mark.parametrize(
     "edit, expected",
-    [(None, "all current"), (comment_every_definition, "all current"),
-     (lambda name, text: text.replace("CLIP_MIN, CLIP_MAX = -1.0, 1.0", "CLIP_MIN, CLIP_MAX = -1.0, 0.99")
-      if name == "attacks.py" else text, "stale")],
+    [
+        (None, "all current"),
+        (comment_every_definition, "all current"),
+        (
+            lambda name, text: (
+                text.replace("CLIP_MIN, CLIP_MAX = -1.0, 1.0", "CLIP_MIN, CLIP_MAX = -1.0, 0.99")
+                if name == "attacks.py"
+                else text
+            ),
+            "stale",
+        ),
+    ],
     ids=["as-committed", "comments", "clip-bound"],
 )
 def test_check_command_on_the_committed_entries(edit, expected, tmp_path):

@@ -1,5 +1,6 @@
 """The foundation: data provisioning, the Animals check, profile isolation, HTML export, the submission zip
 and the README's results table."""
+
 import json
 import os
 import shutil
@@ -43,11 +44,17 @@ print(json.dumps({"train": [list(x.shape), str(x.dtype), list(y.shape)],
 def load_fashion_mnist_offline(home):
     """load_data() in a fresh interpreter with HOME=home and every socket connection refused."""
     unroutable = "http://10.255.255.1:9"
-    env = {"HOME": str(home), "http_proxy": unroutable, "https_proxy": unroutable,
-           "HTTP_PROXY": unroutable, "HTTPS_PROXY": unroutable}
+    env = {
+        "HOME": str(home),
+        "http_proxy": unroutable,
+        "https_proxy": unroutable,
+        "HTTP_PROXY": unroutable,
+        "HTTPS_PROXY": unroutable,
+    }
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "KERAS_HOME"}
-    proc = subprocess.run([sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -93,8 +100,10 @@ def test_provisioning_without_package_or_files_says_what_to_do(tmp_path):
     for tool in ("apt-get", "dpkg", "sudo"):
         (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
         (bin_dir / tool).chmod(0o755)
-    proc = run(["bash", str(PROVISION)],
-               env={"HOME": str(tmp_path), "KERAS_HOME": "", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    proc = run(
+        ["bash", str(PROVISION)],
+        env={"HOME": str(tmp_path), "KERAS_HOME": "", "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
     assert proc.returncode != 0
     cache = tmp_path / ".keras" / "datasets" / "fashion-mnist"
     assert str(cache) in proc.stderr
@@ -104,6 +113,7 @@ def test_provisioning_without_package_or_files_says_what_to_do(tmp_path):
 
 
 # --- Animals ---------------------------------------------------------------------------------------
+
 
 def check_animals(path, optional=False):
     args = ["make", "-s", "--no-print-directory", "animals"] + (["ANIMALS_OPTIONAL=1"] if optional else [])
@@ -132,6 +142,7 @@ def test_animals_check_accepts_a_folder_with_images(tmp_path):
 
 
 # --- profile isolation -----------------------------------------------------------------------------
+
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
@@ -167,8 +178,10 @@ def export(*args):
 
 
 def test_export_refuses_a_notebook_with_an_unexecuted_cell(tmp_path):
-    nb = notebook(tmp_path / "Unrun_solution.ipynb",
-                  [new_markdown_cell("# t"), executed("x = 1", 1), new_code_cell("y = x + 1")])
+    nb = notebook(
+        tmp_path / "Unrun_solution.ipynb",
+        [new_markdown_cell("# t"), executed("x = 1", 1), new_code_cell("y = x + 1")],
+    )
     proc = export(nb)
     assert proc.returncode != 0
     assert str(nb) in proc.stderr and "cell 3" in proc.stderr and "not executed" in proc.stderr
@@ -235,6 +248,7 @@ def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
 
 # --- submission zip --------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def project(tmp_path):
     """A copy of the project's commands, with three small executed notebooks, models.py and a module it
@@ -254,10 +268,15 @@ def project(tmp_path):
     (root / "figures").mkdir()
     (root / "figures" / "network.png").write_bytes(b"png")
     for n in (1, 2, 3):
-        notebook(root / f"Assignment01_Part{n}_solution.ipynb",
-                 [new_markdown_cell(f"# Part {n}\n![network](figures/network.png) "
-                                    "![remote](https://example.org/a.png)"),
-                  executed(f"part = {n}", 1)])
+        notebook(
+            root / f"Assignment01_Part{n}_solution.ipynb",
+            [
+                new_markdown_cell(
+                    f"# Part {n}\n![network](figures/network.png) ![remote](https://example.org/a.png)"
+                ),
+                executed(f"part = {n}", 1),
+            ],
+        )
     return root
 
 
@@ -302,14 +321,18 @@ def test_submission_refuses_an_image_outside_the_project(project):
 
 # --- README results table ------------------------------------------------------------------------
 
+
 def test_results_table_is_rendered_from_the_json_files(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\n"
-                      "<!-- benchmark:start -->\nkept 1.23x\n<!-- benchmark:end -->\n")
+    readme.write_text(
+        "intro\n<!-- results:start -->\nold\n<!-- results:end -->\n"
+        "<!-- benchmark:start -->\nkept 1.23x\n<!-- benchmark:end -->\n"
+    )
     (tmp_path / "part1.json").write_text(json.dumps({"q1_2": {"ce_loss": 1.234567}}))
     (tmp_path / "part2.json").write_text("{not json")
-    (tmp_path / "part3.json").write_text(json.dumps({"attacks": {"clean": 0.7, "fgsm": 0.1, "pgd": 0.0,
-                                                                 "mim": 0.01}}))
+    (tmp_path / "part3.json").write_text(
+        json.dumps({"attacks": {"clean": 0.7, "fgsm": 0.1, "pgd": 0.0, "mim": 0.01}})
+    )
     script = [sys.executable, str(REPO_ROOT / "tools" / "render_readme.py"), "--readme", str(readme)]
     script += ["--results", str(tmp_path)]
     assert run(script).returncode == 0
@@ -319,4 +342,3 @@ def test_results_table_is_rendered_from_the_json_files(tmp_path):
     assert part2_rows and all(line.endswith("| not yet run |") for line in part2_rows)
     assert "kept 1.23x" in text
     assert run(script).returncode == 0 and readme.read_text() == text
-

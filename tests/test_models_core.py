@@ -4,6 +4,7 @@ Everything runs on tiny data: a handful of images written to a temporary folder 
 random arrays for the networks (32x32 or 16x16, a few dozen images, 1 to 6 epochs of a 1-block model).
 Expected parameter counts are computed here from the block formula, not read from models.py.
 """
+
 import math
 import os
 import re
@@ -29,14 +30,25 @@ from models import AnimalsDatasetManager, DefaultModel, SimplePreprocessor, Your
 # loaded pixels tell which file was read and in which order.
 # ------------------------------------------------------------------------------------------------
 TREE = {
-    "zebra": [("z1.png", (40, 30), (10, 200, 30)), ("z2.jpg", (64, 64), (200, 30, 90)),
-              ("z3.png", (17, 50), (60, 60, 160))],
-    "ant": [("a_red.png", (30, 45), (0, 0, 255)), ("b.jpg", (50, 50), (120, 40, 40)),
-            ("c.png", (20, 60), (30, 140, 220)), ("d.jpeg", (33, 33), (220, 220, 20)),
-            ("e.PNG", (100, 80), (90, 10, 160))],
-    "mole": [("0_corrupt.jpg", None, None), ("m1.png", (32, 32), (250, 250, 250)),
-             ("m2.jpg", (48, 24), (5, 5, 5)), ("m3.png", (70, 35), (100, 180, 60)),
-             ("m4.jpg", (45, 90), (180, 100, 60))],
+    "zebra": [
+        ("z1.png", (40, 30), (10, 200, 30)),
+        ("z2.jpg", (64, 64), (200, 30, 90)),
+        ("z3.png", (17, 50), (60, 60, 160)),
+    ],
+    "ant": [
+        ("a_red.png", (30, 45), (0, 0, 255)),
+        ("b.jpg", (50, 50), (120, 40, 40)),
+        ("c.png", (20, 60), (30, 140, 220)),
+        ("d.jpeg", (33, 33), (220, 220, 20)),
+        ("e.PNG", (100, 80), (90, 10, 160)),
+    ],
+    "mole": [
+        ("0_corrupt.jpg", None, None),
+        ("m1.png", (32, 32), (250, 250, 250)),
+        ("m2.jpg", (48, 24), (5, 5, 5)),
+        ("m3.png", (70, 35), (100, 180, 60)),
+        ("m4.jpg", (45, 90), (180, 100, 60)),
+    ],
 }
 TEXT_FILE = ("mole", "notes.txt")
 SORTED_CLASSES = ["ant", "mole", "zebra"]
@@ -84,7 +96,9 @@ def test_load_counts_classes_order_and_corrupt_warning(image_tree, capsys):
     assert manager.data.dtype == np.uint8
     # files in name order: each uniform image keeps its colour (RGB after loading)
     expected_rgb = np.array([entry[2][::-1] for label in SORTED_CLASSES for entry in readable(label)])
-    np.testing.assert_allclose(manager.data.reshape(len(expected_rgb), -1, 3).mean(axis=1), expected_rgb, atol=4)
+    np.testing.assert_allclose(
+        manager.data.reshape(len(expected_rgb), -1, 3).mean(axis=1), expected_rgb, atol=4
+    )
     # one warning that counts the single corrupt file (the .txt file is not an image, not "unreadable")
     unreadable = [w for w in caught if "unreadable" in str(w.message)]
     assert len(unreadable) == 1, [str(w.message) for w in caught]
@@ -216,7 +230,7 @@ def expected_param_counts(num_blocks, feature_maps, batch_norm, num_classes, siz
     total = trainable = 0
     cin, side = depth, size
     for i in range(num_blocks):
-        c = feature_maps * 2 ** i
+        c = feature_maps * 2**i
         convs = (9 * cin * c + c) + (9 * c * c + c)
         total += convs + (8 * c if batch_norm else 0)
         trainable += convs + (4 * c if batch_norm else 0)
@@ -231,39 +245,80 @@ def layer_types(model):
 
 def expected_layer_types(num_blocks, use_skip, batch_norm, drop_rate):
     bn = ["BatchNormalization"] if batch_norm else []
-    block = (["Conv2D"] + bn + ["Activation", "Conv2D"] + bn + (["Add"] if use_skip else [])
-             + ["Activation", "AveragePooling2D"] + (["Dropout"] if drop_rate > 0 else []))
+    block = (
+        ["Conv2D"]
+        + bn
+        + ["Activation", "Conv2D"]
+        + bn
+        + (["Add"] if use_skip else [])
+        + ["Activation", "AveragePooling2D"]
+        + (["Dropout"] if drop_rate > 0 else [])
+    )
     return block * num_blocks + ["Flatten", "Dense", "Activation"]
 
 
 def test_baseline_parameter_count_and_layers():
     model = DefaultModel(num_classes=10, verbose=False).build_cnn()
     assert model.count_params() == 106_538
-    assert layer_types(model) == ["Conv2D", "Conv2D", "AveragePooling2D", "Conv2D", "Conv2D",
-                                  "AveragePooling2D", "Flatten", "Dense"]
+    assert layer_types(model) == [
+        "Conv2D",
+        "Conv2D",
+        "AveragePooling2D",
+        "Conv2D",
+        "Conv2D",
+        "AveragePooling2D",
+        "Flatten",
+        "Dense",
+    ]
     assert model.output_shape == (None, 10)
     assert model.layers[-1].activation is keras.activations.softmax
 
 
 def test_default_model_positional_order():
     net = DefaultModel("n", 16, 24, 1, 3, 8, 5, 0.3, True, True, "elu", False, "sgd", 7, 9, 0.01, False)
-    assert (net.name, net.width, net.height, net.depth, net.num_blocks, net.feature_maps, net.num_classes,
-            net.drop_rate, net.batch_norm, net.is_augmentation, net.activation_func, net.use_skip,
-            net.optimizer, net.batch_size, net.num_epochs, net.learning_rate, net.verbose) == (
-        "n", 16, 24, 1, 3, 8, 5, 0.3, True, True, "elu", False, "sgd", 7, 9, 0.01, False)
+    assert (
+        net.name,
+        net.width,
+        net.height,
+        net.depth,
+        net.num_blocks,
+        net.feature_maps,
+        net.num_classes,
+        net.drop_rate,
+        net.batch_norm,
+        net.is_augmentation,
+        net.activation_func,
+        net.use_skip,
+        net.optimizer,
+        net.batch_size,
+        net.num_epochs,
+        net.learning_rate,
+        net.verbose,
+    ) == ("n", 16, 24, 1, 3, 8, 5, 0.3, True, True, "elu", False, "sgd", 7, 9, 0.01, False)
 
 
-@pytest.mark.parametrize("num_blocks, feature_maps, use_skip, batch_norm, drop_rate, num_classes", [
-    (1, 8, True, True, 0.2, 4),
-    (2, 8, False, None, 0.0, 3),
-    (3, 32, True, True, 0.0, 10),   # the notebook's configuration
-    (3, 4, False, False, 0.5, 4),
-    (5, 2, True, True, 0.1, 2),     # 32 -> 1 pixel: the deepest allowed for 32x32
-])
-def test_your_model_parameter_counts_and_layers(num_blocks, feature_maps, use_skip, batch_norm, drop_rate,
-                                                num_classes):
-    net = YourModel(num_blocks=num_blocks, feature_maps=feature_maps, use_skip=use_skip, batch_norm=batch_norm,
-                    drop_rate=drop_rate, num_classes=num_classes, verbose=False)
+@pytest.mark.parametrize(
+    "num_blocks, feature_maps, use_skip, batch_norm, drop_rate, num_classes",
+    [
+        (1, 8, True, True, 0.2, 4),
+        (2, 8, False, None, 0.0, 3),
+        (3, 32, True, True, 0.0, 10),  # the notebook's configuration
+        (3, 4, False, False, 0.5, 4),
+        (5, 2, True, True, 0.1, 2),  # 32 -> 1 pixel: the deepest allowed for 32x32
+    ],
+)
+def test_your_model_parameter_counts_and_layers(
+    num_blocks, feature_maps, use_skip, batch_norm, drop_rate, num_classes
+):
+    net = YourModel(
+        num_blocks=num_blocks,
+        feature_maps=feature_maps,
+        use_skip=use_skip,
+        batch_norm=batch_norm,
+        drop_rate=drop_rate,
+        num_classes=num_classes,
+        verbose=False,
+    )
     model = net.build_cnn()
     total, trainable = expected_param_counts(num_blocks, feature_maps, batch_norm, num_classes)
     assert model.count_params() == total
@@ -365,15 +420,27 @@ def tiny_manager(n_train=48, n_valid=24, size=16, num_classes=3, seed=0, valid_l
         return x.astype(np.float32), y
 
     manager.X_train, manager.y_train = make(n_train)
-    manager.X_valid, manager.y_valid = make(n_valid, None if valid_label is None
-                                            else np.full(n_valid, valid_label))
+    manager.X_valid, manager.y_valid = make(
+        n_valid, None if valid_label is None else np.full(n_valid, valid_label)
+    )
     manager.X_test, manager.y_test = make(n_valid)
     return manager
 
 
 def small_net(cls=YourModel, **kwargs):
-    defaults = dict(width=16, height=16, num_blocks=1, feature_maps=4, num_classes=3, batch_norm=True,
-                    drop_rate=0.2, batch_size=16, num_epochs=1, learning_rate=1e-3, verbose=False)
+    defaults = dict(
+        width=16,
+        height=16,
+        num_blocks=1,
+        feature_maps=4,
+        num_classes=3,
+        batch_norm=True,
+        drop_rate=0.2,
+        batch_size=16,
+        num_epochs=1,
+        learning_rate=1e-3,
+        verbose=False,
+    )
     if cls is DefaultModel:
         defaults.update(feature_maps=32, num_blocks=2, batch_norm=None)
     return cls(**{**defaults, **kwargs})
@@ -484,7 +551,9 @@ def test_h5_round_trip(cls, tmp_path):
     assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary file left behind
     loaded = keras.models.load_model(str(path), compile=False)
     x = manager.X_valid
-    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(net.model(x, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded(x, training=False)), np.asarray(net.model(x, training=False))
+    )
     other = small_net(cls)
     other.load(str(path))
     np.testing.assert_array_equal(other.predict(x), net.predict(x))

@@ -6,6 +6,7 @@ Keras ``Dense`` layers and ``tf.GradientTape`` here (nothing is imported from th
 derivatives (the cell tagged ``activations``) are checked against automatic differentiation on a grid of
 negative, zero and positive inputs, and the committed ``results/part1.json`` against student ID 1234.
 """
+
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,7 @@ SHAPES = {
 # ----------------------------------------------------------------------------------------------------------
 # Independent reference: Keras Dense layers on row vectors (kernel = W^T), float64 throughout.
 
+
 def dense(W, b, activation=None):
     """A float64 Keras Dense layer holding W (out, in) and b (out, 1); it maps rows (1, in) to (1, out)."""
     layer = keras.layers.Dense(W.shape[0], activation=activation, dtype="float64")
@@ -80,8 +82,14 @@ def reference_q1_2():
     ce = keras.losses.CategoricalCrossentropy(from_logits=True, dtype="float64")(target, h3)
     smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ALPHA, dtype="float64")
     ls = smoothed(target, h3)
-    return {"h1": column(h1), "h2": column(h2), "h3": column(h3), "p": column(keras.activations.softmax(h3)),
-            "ce_loss": float(ce), "label_smoothing_loss": float(ls)}
+    return {
+        "h1": column(h1),
+        "h2": column(h2),
+        "h3": column(h3),
+        "p": column(keras.activations.softmax(h3)),
+        "ce_loss": float(ce),
+        "label_smoothing_loss": float(ls),
+    }
 
 
 def reference_q1_3(student_id):
@@ -98,15 +106,28 @@ def reference_q1_3(student_id):
         loss = cross_entropy(tf.constant([2]), h2)
     watched = {"dh2": h2, "dh1": h1, "dh1_bar": h1_bar, "dW1": layer1.kernel, "db1": layer1.bias}
     g = tape.gradient(loss, {**watched, "dW2": layer2.kernel, "db2": layer2.bias})
-    dW1, dW2 = np.asarray(g["dW1"]).T, np.asarray(g["dW2"]).T            # kernels are (in, out)
+    dW1, dW2 = np.asarray(g["dW1"]).T, np.asarray(g["dW2"]).T  # kernels are (in, out)
     db1, db2 = np.asarray(g["db1"])[:, None], np.asarray(g["db2"])[:, None]
     p = column(keras.activations.softmax(h2))
-    return {"student_id": student_id, "h1_bar": column(h1_bar), "h1": column(h1), "p": p,
-            "predicted_class": int(p.argmax()) + 1, "loss": float(loss),
-            "dh2": column(g["dh2"]), "dW2": dW2, "db2": db2, "dh1": column(g["dh1"]),
-            "dh1_bar": column(g["dh1_bar"]),
-            "dW1": dW1, "db1": db1, "W1_new": W1 - ETA * dW1, "b1_new": b1 - ETA * db1,
-            "W2_new": W2 - ETA * dW2, "b2_new": b2 - ETA * db2}
+    return {
+        "student_id": student_id,
+        "h1_bar": column(h1_bar),
+        "h1": column(h1),
+        "p": p,
+        "predicted_class": int(p.argmax()) + 1,
+        "loss": float(loss),
+        "dh2": column(g["dh2"]),
+        "dW2": dW2,
+        "db2": db2,
+        "dh1": column(g["dh1"]),
+        "dh1_bar": column(g["dh1_bar"]),
+        "dW1": dW1,
+        "db1": db1,
+        "W1_new": W1 - ETA * dW1,
+        "b1_new": b1 - ETA * db1,
+        "W2_new": W2 - ETA * dW2,
+        "b2_new": b2 - ETA * db2,
+    }
 
 
 def assert_matches(results, reference):
@@ -120,6 +141,7 @@ def assert_matches(results, reference):
 
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=STUDENT_IDS, ids=lambda sid: f"student{sid or 'json'}")
 def quick_run(request, tmp_path_factory, quick_profile_run):
     """Run the notebook (quick profile) for one student ID; return the ID and its part1.json. The ID of
@@ -131,9 +153,14 @@ def quick_run(request, tmp_path_factory, quick_profile_run):
         return student_id, json.loads((checkout / "runs" / "quick" / "results" / "part1.json").read_text())
     out = tmp_path_factory.mktemp(f"part1_{request.param}")
     committed_before = COMMITTED_RESULTS.read_bytes() if COMMITTED_RESULTS.exists() else None
-    pm.execute_notebook(str(NOTEBOOK), str(out / "executed.ipynb"),
-                        parameters=dict(PROFILE="quick", OUTPUT_DIR=str(out), STUDENT_ID=request.param),
-                        cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False)
+    pm.execute_notebook(
+        str(NOTEBOOK),
+        str(out / "executed.ipynb"),
+        parameters=dict(PROFILE="quick", OUTPUT_DIR=str(out), STUDENT_ID=request.param),
+        cwd=str(REPO_ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+    )
     committed_after = COMMITTED_RESULTS.read_bytes() if COMMITTED_RESULTS.exists() else None
     assert committed_after == committed_before, "a quick run must not touch the committed results"
     return request.param, json.loads((out / "results" / "part1.json").read_text())
@@ -213,10 +240,18 @@ def test_activation_derivatives_match_autodiff():
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("parameters", [dict(PROFILE="medium"), dict(PROFILE="quick", STUDENT_ID=-1)],
-                         ids=["unknown-profile", "negative-student-id"])
+@pytest.mark.parametrize(
+    "parameters",
+    [dict(PROFILE="medium"), dict(PROFILE="quick", STUDENT_ID=-1)],
+    ids=["unknown-profile", "negative-student-id"],
+)
 def test_bad_parameters_raise_value_error(parameters, tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="ValueError"):
-        pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "executed.ipynb"),
-                            parameters=dict(OUTPUT_DIR=str(tmp_path), **parameters),
-                            cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp_path / "executed.ipynb"),
+            parameters=dict(OUTPUT_DIR=str(tmp_path), **parameters),
+            cwd=str(REPO_ROOT),
+            kernel_name="python3",
+            progress_bar=False,
+        )

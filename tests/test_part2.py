@@ -1,5 +1,6 @@
 """Part 2 (Fashion-MNIST feed-forward study): the notebook in the quick profile, its part2.json, and the
 hand-written label-smoothing loss against Keras's built-in one."""
+
 import itertools
 import json
 
@@ -81,10 +82,12 @@ def test_executed_notebook_has_no_errors_and_renders_the_observation(quick_run):
 
 # --- the hand-written loss -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tf_keras():
     import tensorflow as tf
     from tensorflow import keras
+
     return tf, keras
 
 
@@ -92,8 +95,11 @@ def tf_keras():
 def loss_class(tf_keras):
     """LabelSmoothingCrossEntropy as the committed notebook defines it (its cell executed on its own)."""
     tf, keras = tf_keras
-    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
-             if c.cell_type == "code" and "class LabelSmoothingCrossEntropy" in c.source]
+    cells = [
+        c.source
+        for c in nbformat.read(NOTEBOOK, as_version=4).cells
+        if c.cell_type == "code" and "class LabelSmoothingCrossEntropy" in c.source
+    ]
     assert len(cells) == 1, "exactly one cell defines the loss"
     namespace = {"tf": tf, "keras": keras}
     exec(compile(cells[0], "notebook-cell", "exec"), namespace)
@@ -118,13 +124,22 @@ def test_loss_equals_keras_label_smoothing(loss_class, tf_keras, alpha):
         keras_loss = keras.losses.CategoricalCrossentropy(label_smoothing=alpha, reduction=None)
         theirs = keras_loss(labels, probs).numpy()
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
-        assert abs(float(loss_class(alpha)(labels, probs))
-                   - float(keras.losses.CategoricalCrossentropy(label_smoothing=alpha)(labels, probs))) < 1e-6
+        assert (
+            abs(
+                float(loss_class(alpha)(labels, probs))
+                - float(keras.losses.CategoricalCrossentropy(label_smoothing=alpha)(labels, probs))
+            )
+            < 1e-6
+        )
 
 
 @settings(max_examples=25, deadline=None)
-@given(alpha=st.floats(0.0, 0.9), seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 64),
-       num_classes=st.integers(2, 12))
+@given(
+    alpha=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 64),
+    num_classes=st.integers(2, 12),
+)
 def test_loss_equals_keras_label_smoothing_property(loss_class, tf_keras, alpha, seed, batch, num_classes):
     tf, keras = tf_keras
     labels, probs = random_batch(np.random.default_rng(seed), keras, batch, 4.0, num_classes)
@@ -149,4 +164,3 @@ def test_smoothing_changes_the_loss(loss_class, tf_keras):
 def test_loss_rejects_alpha_outside_0_1(loss_class, alpha):
     with pytest.raises(ValueError, match="alpha"):
         loss_class(alpha)
-

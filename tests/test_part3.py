@@ -1,5 +1,6 @@
 """Part 3 notebook: the quick profile runs end to end and records every key; the committed models
 reproduce the accuracies that results/part3.json records on the real test split."""
+
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ REQUIRED = {
 }
 
 needs_animals = pytest.mark.skipif(
-    not ANIMALS_DIR.is_dir(), reason=f"Animals data not found at {ANIMALS_DIR} (set ANIMALS_DIR)")
+    not ANIMALS_DIR.is_dir(), reason=f"Animals data not found at {ANIMALS_DIR} (set ANIMALS_DIR)"
+)
 
 
 def check_keys(results):
@@ -44,7 +46,10 @@ def check_keys(results):
     assert combos == {(b, s, lr) for b in (2, 3, 4) for s in (True, False) for lr in (1e-3, 1e-4)}
     best = max(grid, key=lambda row: row["val_acc"])
     assert (best["num_blocks"], best["use_skip"], best["learning_rate"]) == (
-        results["best"]["num_blocks"], results["best"]["use_skip"], results["best"]["learning_rate"])
+        results["best"]["num_blocks"],
+        results["best"]["use_skip"],
+        results["best"]["learning_rate"],
+    )
     assert len(results["mixup"]["runs"]) >= 3  # alpha = 0 and at least two alphas
 
 
@@ -64,8 +69,13 @@ def test_quick_profile_records_every_key(quick_profile_run):
         assert (checkout / path).is_file(), entry
     assert {run["patience"] for run in results["augmentation"]["runs"]} == {1, 2}
     assert {run["variant"] for run in results["adversarial"]["runs"]} == {"plain", "augmented"}
-    for name in ("Part3_Sec3_4_best", "Part3_Sec3_6_augmented", "Part3_Sec3_7_mixup",
-                 "Part3_Sec3_9_robust", "Part3_Sec3_10_sam"):
+    for name in (
+        "Part3_Sec3_4_best",
+        "Part3_Sec3_6_augmented",
+        "Part3_Sec3_7_mixup",
+        "Part3_Sec3_9_robust",
+        "Part3_Sec3_10_sam",
+    ):
         assert (out / "models" / f"{name}.h5").is_file(), name
 
 
@@ -78,7 +88,10 @@ def test_committed_results_have_every_key():
     assert results["profile"] == "full"
     check_keys(results)
     assert (results["split"]["n_train"], results["split"]["n_valid"], results["split"]["n_test"]) == (
-        4000, 500, 500)
+        4000,
+        500,
+        500,
+    )
 
 
 @pytest.mark.slow
@@ -97,22 +110,25 @@ def test_committed_models_reproduce_recorded_accuracies():
     manager.process_data_label()
     manager.train_valid_test_split()
     X_test, y_test = manager.X_test, manager.y_test
-    assert hashlib.sha256(np.asarray(y_test, np.int64).tobytes()).hexdigest() == \
-        results["split"]["y_test_sha256"]
+    assert (
+        hashlib.sha256(np.asarray(y_test, np.int64).tobytes()).hexdigest()
+        == results["split"]["y_test_sha256"]
+    )
 
-    checks = [(results["best"]["model"], results["best"]["test_acc"]),
-              (results["augmentation"]["with"]["model"], results["augmentation"]["with"]["test_acc"]),
-              (results["mixup"]["model"], results["mixup"]["test_acc"]),
-              (results["combined"]["model"], results["combined"]["test_acc"]),
-              *[(run["model"], run["test_acc"]) for run in results["augmentation"]["runs"]],
-              (results["sam"]["model"], results["sam"]["test_acc"]),
-              (results["adversarial"]["model"], results["adversarial"]["clean"]),
-              (results["attacks"]["model"], results["attacks"]["clean"])]
+    checks = [
+        (results["best"]["model"], results["best"]["test_acc"]),
+        (results["augmentation"]["with"]["model"], results["augmentation"]["with"]["test_acc"]),
+        (results["mixup"]["model"], results["mixup"]["test_acc"]),
+        (results["combined"]["model"], results["combined"]["test_acc"]),
+        *[(run["model"], run["test_acc"]) for run in results["augmentation"]["runs"]],
+        (results["sam"]["model"], results["sam"]["test_acc"]),
+        (results["adversarial"]["model"], results["adversarial"]["clean"]),
+        (results["attacks"]["model"], results["attacks"]["clean"]),
+    ]
     for path, recorded in checks:
         model = keras.models.load_model(ROOT / path, compile=False)
         accuracy = attacks.robust_accuracy(model, X_test, y_test, None)
         assert accuracy == pytest.approx(recorded, abs=1e-9), path
     robust = keras.models.load_model(ROOT / results["adversarial"]["model"], compile=False)
-    pgd = attacks.robust_accuracy(robust, X_test, y_test, attacks.pgd_attack,
-                                 eps=0.0313, k=20, eta=0.002)
+    pgd = attacks.robust_accuracy(robust, X_test, y_test, attacks.pgd_attack, eps=0.0313, k=20, eta=0.002)
     assert pgd == pytest.approx(results["adversarial"]["pgd"], abs=1e-9)

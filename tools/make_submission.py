@@ -50,7 +50,12 @@ def main(argv):
     if subprocess.run(["bash", "export_html.sh", *notebooks]).returncode != 0:
         sys.exit(f"error: cannot build {target}: the HTML export failed")
     files = [f for nb in notebooks for f in (nb, nb.replace("_solution.ipynb", "_output.html"))]
-    files += ["models.py", *sorted(str(p) for p in Path(".").glob("*.py")), *sorted(str(p) for p in Path("models").glob("*.h5")), *figures]
+    files += [
+        "models.py",
+        *sorted(str(p) for p in Path(".").glob("*.py")),
+        *sorted(str(p) for p in Path("models").glob("*.h5")),
+        *figures,
+    ]
     files = list(dict.fromkeys(files))
     absent = [f for f in files if not Path(f).is_file()]
     if absent:

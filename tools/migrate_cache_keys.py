@@ -56,7 +56,9 @@ def old_key(config, data_fingerprint, code_hash):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=str(ROOT), help="folder holding models/ and results/cache/")
-    parser.add_argument("--animals", default=None, help="the Animals folder (default: $ANIMALS_DIR or datasets/Animals)")
+    parser.add_argument(
+        "--animals", default=None, help="the Animals folder (default: $ANIMALS_DIR or datasets/Animals)"
+    )
     args = parser.parse_args()
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -73,20 +75,28 @@ def main():
             continue
         config = record["config"]
         if old_key(config, data_fp, old_code) != record["key"]:
-            print(f"{name}: NOT current under the old scheme (its key does not match {OLD_COMMIT}'s code and "
-                  "this data); left as it is")
+            print(
+                f"{name}: NOT current under the old scheme (its key does not match {OLD_COMMIT}'s code and "
+                "this data); left as it is"
+            )
             failed += 1
             continue
         cls = getattr(models, config["class"])
         network = cls(**{k: v for k, v in config.items() if k in cls.CONFIG_KEYS})
         parts = experiments.key_parts(network, data, config["fit_batch_size"], config["fit_num_epochs"])
         if parts["config"] != config:
-            print(f"{name}: the current code reads its configuration differently "
-                  f"({parts['config']} vs {config}); left as it is")
+            print(
+                f"{name}: the current code reads its configuration differently "
+                f"({parts['config']} vs {config}); left as it is"
+            )
             failed += 1
             continue
-        migrated = dict(key=experiments.key_of(parts), key_parts=parts, migrated_from=record["key"],
-                        **{k: v for k, v in record.items() if k not in ("key", "config")})
+        migrated = dict(
+            key=experiments.key_of(parts),
+            key_parts=parts,
+            migrated_from=record["key"],
+            **{k: v for k, v in record.items() if k not in ("key", "config")},
+        )
         write_json(migrated, path)
         print(f"{name}: current under {OLD_COMMIT}'s key; new key {migrated['key'][:12]}")
     print(f"{failed} entries could not be migrated" if failed else "all entries migrated")

@@ -5,6 +5,7 @@ file or key is missing shows "not yet run". Standard library only, so it runs wi
 
     python3 tools/render_readme.py [--readme README.md] [--results results]
 """
+
 import argparse
 import json
 import re
@@ -50,8 +51,11 @@ def table_rows(r):
     smooth = best_by_val(lookup(p2, "label_smoothing")) or {}
     best3 = lookup(p3, "best") or {}
     arch2 = f" ({best2['n1']}-{best2['n2']}, {best2['act']})" if {"n1", "n2", "act"} <= best2.keys() else ""
-    arch3 = (f" ({best3['num_blocks']} blocks, skip {best3['use_skip']}, lr {best3['learning_rate']})"
-             if {"num_blocks", "use_skip", "learning_rate"} <= best3.keys() else "")
+    arch3 = (
+        f" ({best3['num_blocks']} blocks, skip {best3['use_skip']}, lr {best3['learning_rate']})"
+        if {"num_blocks", "use_skip", "learning_rate"} <= best3.keys()
+        else ""
+    )
     alpha = f" (α = {smooth['alpha']})" if "alpha" in smooth else ""
     sid = lookup(p1, "q1_3", "student_id")
     sid = f" (student ID {sid})" if sid is not None else ""
@@ -72,16 +76,28 @@ def table_rows(r):
         ("2", f"2.6 label smoothing, best by validation{alpha}, test accuracy", smooth.get("test_acc")),
         ("3", "default model, test accuracy", lookup(p3, "default", "test_acc")),
         ("3", f"3.4 best of the 12-run grid{arch3}, test accuracy", best3.get("test_acc")),
-        ("3", f"3.6 with augmentation{patience}, test accuracy",
-         lookup(p3, "augmentation", "with", "test_acc")),
+        (
+            "3",
+            f"3.6 with augmentation{patience}, test accuracy",
+            lookup(p3, "augmentation", "with", "test_acc"),
+        ),
         ("3", f"3.7 with mixup{mix}, test accuracy", lookup(p3, "mixup", "test_acc")),
         ("3", "augmentation + mixup + cosine schedule, test accuracy", lookup(p3, "combined", "test_acc")),
-        ("3", "3.8 best model: clean / FGSM / PGD / MIM accuracy",
-         [lookup(p3, "attacks", k) for k in ("clean", "fgsm", "pgd", "mim")]),
-        ("3", "3.9 adversarially trained: clean / FGSM / PGD / MIM accuracy",
-         [lookup(p3, "adversarial", k) for k in ("clean", "fgsm", "pgd", "mim")]),
-        ("3", f"3.9 adversarially trained: {strong} / worst case over every attack",
-         [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")]),
+        (
+            "3",
+            "3.8 best model: clean / FGSM / PGD / MIM accuracy",
+            [lookup(p3, "attacks", k) for k in ("clean", "fgsm", "pgd", "mim")],
+        ),
+        (
+            "3",
+            "3.9 adversarially trained: clean / FGSM / PGD / MIM accuracy",
+            [lookup(p3, "adversarial", k) for k in ("clean", "fgsm", "pgd", "mim")],
+        ),
+        (
+            "3",
+            f"3.9 adversarially trained: {strong} / worst case over every attack",
+            [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")],
+        ),
         ("3", "3.10 SAM, test accuracy", lookup(p3, "sam", "test_acc")),
     ]
 
