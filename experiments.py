@@ -113,7 +113,9 @@ def _value_text(value, reached):
         return repr(value)
     if isinstance(value, list | tuple | set | frozenset):
         items = [_value_text(v, reached) for v in value]
-        return f"{type(value).__name__}({', '.join(sorted(items) if isinstance(value, set | frozenset) else items)})"
+        if isinstance(value, set | frozenset):
+            items = sorted(items)
+        return f"{type(value).__name__}({', '.join(items)})"
     if isinstance(value, dict):
         items = sorted(f"{_value_text(k, reached)}: {_value_text(v, reached)}" for k, v in value.items())
         return "{" + ", ".join(items) + "}"

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def animals_dir():
-    """The Animals folder the notebooks use ($ANIMALS_DIR, else datasets/Animals), or None if it has no images."""
+    """The Animals folder the notebooks use ($ANIMALS_DIR, else datasets/Animals), or None without images."""
     path = Path(os.environ.get("ANIMALS_DIR") or REPO_ROOT / "datasets" / "Animals")
     has_images = path.is_dir() and any(f.is_file() for d in path.iterdir() if d.is_dir() for f in d.iterdir())
     return path if has_images else None

@@ -38,7 +38,10 @@ def library_copy(folder, edit=None):
 def fingerprints(folder):
     """{class name: code fingerprint} of DefaultModel and YourModel, computed by a new interpreter
     that imports the library from ``folder``."""
-    script = "import experiments, models; print(*(experiments.code_fingerprint(c) for c in (models.DefaultModel, models.YourModel)))"
+    script = (
+        "import experiments, models\n"
+        "print(*(experiments.code_fingerprint(c) for c in (models.DefaultModel, models.YourModel)))"
+    )
     env = {**os.environ, "PYTHONPATH": str(folder), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
