@@ -15,12 +15,12 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, animals_dir
 from experiments import ExperimentCache, Run
-from models import AnimalsDatasetManager, DefaultModel, YourModel
+from models import DefaultModel
+from test_models_core import small_net, tiny_manager
 
 LIBRARY = ["models.py", "attacks.py", "training.py", "storage.py", "report.py", "experiments.py"]
 TOP_LEVEL = re.compile(r"^(def |class |@|[A-Z_][A-Z0-9_]*(, [A-Z_][A-Z0-9_]*)* = )", re.M)
@@ -131,32 +131,12 @@ def test_a_change_training_uses_changes_the_fingerprint(module, old, new, change
 # ------------------------------------------------------------------------------------------------
 # The cache on tiny data
 # ------------------------------------------------------------------------------------------------
-def tiny_data(n=40, size=16, seed=0):
-    rng = np.random.RandomState(seed)
-    manager = AnimalsDatasetManager()
-    y = rng.randint(0, 3, 2 * n)
-    x = np.clip(
-        rng.normal(0, 0.3, (2 * n, size, size, 3)) + np.linspace(-0.6, 0.6, 3)[y, None, None, None], -1, 1
-    )
-    manager.X_train, manager.y_train = x[:n].astype(np.float32), y[:n]
-    manager.X_valid, manager.y_valid = x[n:].astype(np.float32), y[n:]
-    return manager
+def tiny_data(seed=0):
+    return tiny_manager(seed=seed)
 
 
 def tiny_net(**kwargs):
-    defaults = dict(
-        width=16,
-        height=16,
-        num_blocks=1,
-        feature_maps=4,
-        num_classes=3,
-        batch_norm=True,
-        batch_size=16,
-        num_epochs=2,
-        learning_rate=1e-3,
-        verbose=False,
-    )
-    return YourModel(**{**defaults, **kwargs})
+    return small_net(**{"num_epochs": 2, **kwargs})
 
 
 def test_second_fit_reuses_the_entry(tmp_path, capsys):
