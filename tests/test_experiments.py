@@ -180,6 +180,7 @@ def test_second_fit_reuses_the_entry(tmp_path, capsys):
     assert oct(first.model_path.stat().st_mode & 0o777) == "0o644"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, reason",
     [
