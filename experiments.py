@@ -356,7 +356,7 @@ class ExperimentCache:
             cls = network_class_of(config)
             if cls not in codes:
                 codes[cls] = code_fingerprint(cls)
-            network = cls(**{k: v for k, v in config.items() if k in cls.CONFIG_KEYS})
+            network = network_of(cls, config)
             parts = dict(
                 config=run_config(network, config["fit_batch_size"], config["fit_num_epochs"]),
                 data=data,
@@ -370,6 +370,11 @@ class ExperimentCache:
                 reasons.append("model file missing")
             report.append((name, reasons))
         return report
+
+
+def network_of(cls, config):
+    """An (unbuilt) ``cls`` network with the recorded configuration ``config`` (``run_config``'s)."""
+    return cls(**{key: value for key, value in config.items() if key in cls.CONFIG_KEYS})
 
 
 def stale_reasons(record, parts):

@@ -82,7 +82,7 @@ def main():
             failed += 1
             continue
         cls = getattr(models, config["class"])
-        network = cls(**{k: v for k, v in config.items() if k in cls.CONFIG_KEYS})
+        network = experiments.network_of(cls, config)
         parts = experiments.key_parts(network, data, config["fit_batch_size"], config["fit_num_epochs"])
         if parts["config"] != config:
             print(
