@@ -22,6 +22,7 @@ a changed constant, operation or default marks it stale. Usage::
 
 import argparse
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -127,6 +128,7 @@ def _value_text(value, reached):
     return f"<{type(value).__module__}.{type(value).__qualname__}>"  # e.g. a cache: its contents don't count
 
 
+@functools.cache  # the sources are read once per process, so the fingerprint cannot change in it
 def code_fingerprint(network_class):
     """sha256 of the meaning of the code that trains an instance of ``network_class``.
 
@@ -346,7 +348,7 @@ class ExperimentCache:
             def network_class_of(config):
                 return getattr(models, config["class"])
 
-        data, versions, codes, report = data_fingerprint(self.data_manager), library_versions(), {}, []
+        data, versions, report = data_fingerprint(self.data_manager), library_versions(), []
         for name in self.entries():
             record = self._record(name)
             if "key_parts" not in record:
@@ -354,13 +356,11 @@ class ExperimentCache:
                 continue
             config = record["key_parts"]["config"]
             cls = network_class_of(config)
-            if cls not in codes:
-                codes[cls] = code_fingerprint(cls)
             network = network_of(cls, config)
             parts = dict(
                 config=run_config(network, config["fit_batch_size"], config["fit_num_epochs"]),
                 data=data,
-                code=codes[cls],
+                code=code_fingerprint(cls),
                 versions=versions,
             )
             reasons = stale_reasons(record, parts)
