@@ -1,4 +1,4 @@
-"""What the three notebooks share: the setup block and the training-curve plot.
+"""What the three notebooks share: the setup block, the training-curve plot, a stopwatch and McNemar's test.
 
 ``start_notebook`` must run before TensorFlow is imported: it imports TensorFlow itself with its C++
 start-up lines (absl, CUDA probing, the oneDNN notice) silenced, which would otherwise show in red
@@ -7,8 +7,12 @@ under the first cell that imports it.
 
 import json
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 PROFILES = ("full", "quick")
 
@@ -96,3 +100,54 @@ def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=N
         ax.legend(fontsize=8)
     plt.tight_layout()
     plt.show()
+
+
+class Stopwatch:
+    """Seconds spent per named section: ``with clock("3.8 attacks"): ...`` adds to
+    ``clock.seconds["3.8 attacks"]`` (a section may be timed in several pieces)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, section):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[section] = self.seconds.get(section, 0.0) + time.perf_counter() - started
+
+
+def mcnemar(correct_a, correct_b, alpha=0.05):
+    """McNemar's exact test of two classifiers on the same examples.
+
+    ``correct_a``, ``correct_b``: (N,) bools, is each classifier right on each example. Only the
+    discordant examples count: ``a_only`` (A right, B wrong) and ``b_only``; under the null
+    hypothesis that both are equally accurate each discordant example is a fair coin, so the
+    two-sided p-value is that of a binomial test of ``a_only`` out of ``a_only + b_only`` at 1/2.
+    Returns a namespace with ``a_only``, ``b_only``, ``difference`` (accuracy of A minus B),
+    ``p_value`` and ``significant`` (p < ``alpha``).
+    """
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"correct_a and correct_b must be 1-D and of one length, got {a.shape} and {b.shape}."
+        )
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    p_value = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return SimpleNamespace(
+        a_only=a_only,
+        b_only=b_only,
+        difference=float(a.mean() - b.mean()),
+        p_value=float(p_value),
+        significant=bool(p_value < alpha),
+    )
+
+
+def significance(test):
+    """The verdict of ``mcnemar`` in words, e.g. "not significant (McNemar p = 0.41; 12 vs 9 discordant
+    images)": A right and B wrong on 12 images, the other way round on 9."""
+    verdict = "significant" if test.significant else "not significant"
+    return f"{verdict} (McNemar p = {test.p_value:.2g}; {test.a_only} vs {test.b_only} discordant images)"
