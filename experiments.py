@@ -22,10 +22,12 @@ a changed constant, operation or default marks it stale. Usage::
 
 import argparse
 import ast
+import contextlib
 import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import sys
 import time
@@ -244,9 +246,10 @@ def key_of(parts):
 @dataclass(frozen=True)
 class Run:
     """A trained network's record: where it is saved, its per-epoch history, the training time
-    (seconds, as measured when it was trained), epochs run, the kept epoch (1-based, or None) and
+    (seconds, as measured when it was trained), epochs run, the kept epoch (1-based, or None),
     whether it was loaded from the cache rather than trained by this call (always True for the
-    runs that ``ExperimentCache.entries`` lists)."""
+    runs that ``ExperimentCache.entries`` lists) and what training printed (Keras's per-epoch log;
+    None for entries trained before logs were kept)."""
 
     name: str
     model_path: Path
@@ -255,6 +258,7 @@ class Run:
     epochs_run: int
     best_epoch: int | None
     reused: bool
+    log: str | None = None
 
     @property
     def seconds_per_epoch(self):
@@ -302,8 +306,10 @@ class ExperimentCache:
             reasons = stale_reasons(record, parts) or ["model file"]
             print(f"Retraining {name}: its {', '.join(reasons)} changed.")
         network.build_cnn()
+        log = _Tee(sys.stdout)
         started = time.perf_counter()
-        network.fit(self.data_manager, batch_size=batch_size, num_epochs=num_epochs, callbacks=callbacks)
+        with contextlib.redirect_stdout(log):
+            network.fit(self.data_manager, batch_size=batch_size, num_epochs=num_epochs, callbacks=callbacks)
         seconds = time.perf_counter() - started
         network.save(self.model_path(name))
         record = dict(
@@ -313,6 +319,7 @@ class ExperimentCache:
             seconds=seconds,
             epochs_run=len(network.history["loss"]),
             best_epoch=network.best_epoch,
+            log=log.getvalue(),
         )
         write_json(record, self.record_path(name))
         return self._run(name, record, reused=False)
@@ -336,6 +343,7 @@ class ExperimentCache:
             epochs_run=record["epochs_run"],
             best_epoch=record["best_epoch"],
             reused=reused,
+            log=record.get("log"),
         )
 
     def check(self, network_class_of=None):
@@ -370,6 +378,21 @@ class ExperimentCache:
                 reasons.append("model file missing")
             report.append((name, reasons))
         return report
+
+
+class _Tee(io.StringIO):
+    """A text stream that keeps what is written to it and passes it on to ``stream``."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self):
+        self.stream.flush()
 
 
 def network_of(cls, config):

@@ -200,6 +200,14 @@ def test_a_changed_key_part_retrains_and_says_why(change, reason, tmp_path, caps
     assert cache.fit(tiny_net(**change.get("network", {})), "tiny", **change.get("fit", {})).reused
 
 
+def test_the_entry_keeps_the_training_log_and_still_prints_it(tmp_path, capsys):
+    cache = ExperimentCache(tmp_path, tiny_data())
+    trained = cache.fit(tiny_net(verbose=2), "tiny")
+    printed = capsys.readouterr().out
+    assert "Epoch 2/2" in trained.log and trained.log.strip() in printed
+    assert cache.fit(tiny_net(verbose=2), "tiny").log == trained.log == cache.entries()["tiny"].log
+
+
 def test_force_retrains_a_current_entry(tmp_path):
     ExperimentCache(tmp_path, tiny_data()).fit(tiny_net(), "tiny")
     assert not ExperimentCache(tmp_path, tiny_data(), force=True).fit(tiny_net(), "tiny").reused
