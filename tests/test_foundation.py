@@ -225,6 +225,7 @@ def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cell
             printing("shownsource1b7e", "shownoutput4c0d", 1),
             printing("hiddensource7f3a", "keptoutput9c2e", 2, ["remove_input"]),
             printing("droppedsource2d5b", "droppedoutput6a1f", 3, ["remove_cell"]),
+            printing("injectedsource5e1c", "injectedoutput8b3d", 4, ["injected-parameters"]),
         ],
     )
     proc = export(nb)
@@ -233,6 +234,7 @@ def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cell
     assert "shownsource1b7e" in html and "shownoutput4c0d" in html  # an untagged cell shows both
     assert "hiddensource7f3a" not in html and "keptoutput9c2e" in html
     assert "droppedsource2d5b" not in html and "droppedoutput6a1f" not in html
+    assert "injectedsource5e1c" not in html and "injectedoutput8b3d" not in html
 
 
 @pytest.mark.notebook

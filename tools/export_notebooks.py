@@ -5,7 +5,8 @@
 X_solution.ipynb becomes X_output.html next to it. A notebook with a code cell that never ran, cells run
 out of order, or an error output is refused (named on stderr with its first problems) and not exported;
 the exit status is 1 when any notebook was refused or missing. In the HTML, a cell tagged `remove_input`
-shows its output only, and a cell tagged `remove_cell` is left out.
+shows its output only, and a cell tagged `remove_cell` is left out, as is papermill's `injected-parameters`
+cell (the `parameters` cell above it already shows the settings a reader can change).
 """
 
 import json
@@ -37,13 +38,16 @@ def problems(path):
 
 
 def html_exporter():
-    """nbconvert's HTML exporter with the cell tags `remove_input` and `remove_cell` honoured."""
+    """nbconvert's HTML exporter with the cell tags `remove_input`, `remove_cell` and papermill's
+    `injected-parameters` honoured."""
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
 
     exporter = HTMLExporter()
     tags = TagRemovePreprocessor(
-        remove_input_tags={"remove_input"}, remove_cell_tags={"remove_cell"}, enabled=True
+        remove_input_tags={"remove_input"},
+        remove_cell_tags={"remove_cell", "injected-parameters"},
+        enabled=True,
     )
     exporter.register_preprocessor(tags, enabled=True)
     return exporter
