@@ -51,6 +51,14 @@ def check_keys(results):
         results["best"]["learning_rate"],
     )
     assert len(results["mixup"]["runs"]) >= 3  # alpha = 0 and at least two alphas
+    # 3.8 attacks the candidate with the best validation accuracy of any epoch (one basis for all runs)
+    candidates = results["candidates"]
+    for candidate in candidates:
+        assert {"best_val_acc", "best_epoch", "last_val_acc", "kept_epoch", "val_acc"} <= set(candidate)
+        assert candidate["best_val_acc"] >= candidate["last_val_acc"]
+    assert max(candidates, key=lambda c: c["best_val_acc"])["path"] == results["attacks"]["model"]
+    for key in ("skip", "sam"):
+        assert 0 <= min(results[key]["mcnemar_p"].values()) <= max(results[key]["mcnemar_p"].values()) <= 1
 
 
 @pytest.mark.notebook
