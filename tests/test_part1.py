@@ -206,14 +206,31 @@ def test_committed_notebook_is_executed_in_the_full_profile():
     assert any("image/png" in o.get("data", {}) for c in code_cells for o in c.outputs), "the activation plot"
 
 
-def notebook_activations():
-    """The notebook's activation functions and derivatives: the source of its cell tagged `activations`."""
+def notebook_cell(tag):
+    """The names defined by the notebook's one code cell tagged `tag`, run with NumPy as `np`."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    cells = [c for c in nb.cells if "activations" in c.metadata.get("tags", [])]
+    cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
     assert len(cells) == 1
     namespace = {"np": np}
     exec(cells[0].source, namespace)
     return namespace
+
+
+def notebook_activations():
+    """The notebook's activation functions and derivatives: its cell tagged `activations`."""
+    return notebook_cell("activations")
+
+
+def test_appendix_check_passes_within_and_fails_beyond_its_fixed_tolerance(capsys):
+    check = notebook_cell("helpers")["check"]
+    check("within", [[1.0], [2.0]], tf.constant([[1.0], [2.0 + 5e-13]], tf.float64), 1e-12)
+    line = capsys.readouterr().out
+    assert line.rstrip().endswith("<= 1e-12: pass") and "5.0e-13" in line, line
+    with pytest.raises(AssertionError, match="exceeds the tolerance 1e-12"):
+        check("beyond", [1.0, 2.0], [1.0, 2.0 + 3e-12], 1e-12)
+    assert capsys.readouterr().out.rstrip().endswith("> 1e-12: FAIL")
+    with pytest.raises(AssertionError, match="shape"):
+        check("shapes", np.zeros((3, 1)), np.zeros((1, 3)), 1.0)
 
 
 def test_activation_derivatives_match_autodiff():
