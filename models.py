@@ -276,8 +276,8 @@ class DefaultModel:
             raise RuntimeError("Call build_cnn() (or load()) first.")
 
     # ---- training -----------------------------------------------------------------------------
-    def _make_optimizer(self, total_steps):
-        """The optimizer named in the constructor; ``total_steps`` is for learning-rate schedules."""
+    def _make_optimizer(self, steps_per_epoch, num_epochs):
+        """The optimizer named in the constructor; the step counts are for learning-rate schedules."""
         return OPTIMIZERS[self.optimizer](learning_rate=self.learning_rate)
 
     def _trainer(self):
@@ -311,11 +311,11 @@ class DefaultModel:
         batch_size = batch_size or self.batch_size
         num_epochs = num_epochs or self.num_epochs
         keras.utils.set_random_seed(self.seed)
-        total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
+        steps_per_epoch = int(np.ceil(len(data_manager.X_train) / batch_size))
         callbacks = [*self._callbacks(data_manager, num_epochs), *callbacks]
         trainer = self._trainer()
         trainer.compile(
-            optimizer=self._make_optimizer(total_steps),
+            optimizer=self._make_optimizer(steps_per_epoch, num_epochs),
             loss=keras.losses.CategoricalCrossentropy(),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
@@ -394,13 +394,55 @@ class DefaultModel:
 # --------------------------------------------------------------------------------------------------
 # 3. YourModel
 # --------------------------------------------------------------------------------------------------
-def build_augmenter(seed=SEED):
-    """Random flips, shifts, rotations and zooms, applied to training batches only.
+class PadCropFlip(layers.Layer):
+    """Random whole-pixel shifts and horizontal flips, one draw per image (training only).
 
-    Keras preprocessing layers rather than ``ImageDataGenerator``: they run inside the ``tf.data``
-    pipeline on whole batches (fast, seeded, no Python generator) and, kept outside the network,
-    leave the saved ``.h5`` model a plain classifier. Maps (N, H, W, C) in [-1, 1] to the same.
+    Each image is padded by ``pad`` pixels on every side by reflection, cropped back to its size at
+    a random integer offset in [0, 2 * pad] along each axis, and flipped left-right with
+    probability 1/2. Every output pixel is an input pixel: nothing is interpolated, so the images
+    stay as sharp as the validation and test images. (N, H, W, C) -> (N, H, W, C).
     """
+
+    def __init__(self, pad=4, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = pad
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        n, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+        padded = tf.pad(images, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]], mode="REFLECT")
+        offsets = keras.random.randint((n, 2), 0, 2 * self.pad + 1, seed=self.seed_generator)
+        rows = offsets[:, :1] + tf.range(height)[None, :]  # (N, H): the padded rows each image keeps
+        cols = offsets[:, 1:] + tf.range(width)[None, :]  # (N, W)
+        cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+        flip = keras.random.uniform((n, 1, 1, 1), seed=self.seed_generator) < 0.5
+        return tf.where(flip, tf.reverse(cropped, axis=[2]), cropped)
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad}
+
+
+AUGMENTERS = ("crop_flip", "resample")
+
+
+def build_augmenter(seed=SEED, kind="crop_flip"):
+    """The training-batch augmenter: (N, H, W, C) in [-1, 1] -> the same, applied to training batches only.
+
+    ``kind="crop_flip"``: ``PadCropFlip`` (reflect-pad 4, random crop, horizontal flip), no
+    interpolation. ``kind="resample"``: the first version, random flip, translation (10%), rotation
+    (0.05 turn) and zoom (10%) as three Keras layers that each resample the image bilinearly, so an
+    image is interpolated three times and comes out blurred (Question 3.6 measures it).
+
+    Keras layers rather than ``ImageDataGenerator``: they run inside the ``tf.data`` pipeline on whole
+    batches (fast, seeded, no Python generator) and, kept outside the network, leave the saved ``.h5``
+    model a plain classifier.
+    """
+    if kind == "crop_flip":
+        return PadCropFlip(pad=4, seed=seed, name="augmenter")
+    if kind != "resample":
+        raise ValueError(f"augmenter={kind!r}; allowed: {', '.join(map(repr, AUGMENTERS))}.")
     return keras.Sequential(
         [
             layers.RandomFlip("horizontal", seed=seed),
@@ -434,8 +476,11 @@ class YourModel(DefaultModel):
       attack of Question 3.9: with eta = 0.002, ten steps move a pixel by at most 0.02 < eps), and
       the most robust epoch is the one kept.
     - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho.
-    - ``weight_decay``: decoupled weight decay of the optimizer; ``lr_schedule='cosine'``: cosine
-      decay of the learning rate to 0 over ``num_epochs``.
+    - ``weight_decay``: decoupled weight decay of the optimizer (Keras 3 applies it as AdamW does);
+      ``lr_schedule='cosine'``: cosine decay of the learning rate to 0 over ``num_epochs``, after a
+      linear warm-up from 0 over ``warmup_epochs``.
+    - ``augmenter`` (with ``is_augmentation``): ``"crop_flip"`` (whole-pixel shifts and flips) or
+      ``"resample"`` (the first, blurring version); see ``build_augmenter``.
     """
 
     def __init__(
@@ -468,6 +513,8 @@ class YourModel(DefaultModel):
         sam_rho=0.0,
         weight_decay=0.0,
         lr_schedule=None,
+        augmenter="crop_flip",
+        warmup_epochs=0,
     ):
         super().__init__(
             name,
@@ -501,6 +548,10 @@ class YourModel(DefaultModel):
             raise ValueError(f"patience={patience!r} must be a positive integer or None.")
         if lr_schedule not in (None, "cosine"):
             raise ValueError(f"lr_schedule={lr_schedule!r}; allowed: None, 'cosine'.")
+        if augmenter not in AUGMENTERS:
+            raise ValueError(f"augmenter={augmenter!r}; allowed: {', '.join(map(repr, AUGMENTERS))}.")
+        if warmup_epochs < 0 or (warmup_epochs and lr_schedule != "cosine"):
+            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be >= 0, and needs lr_schedule='cosine'.")
         self.patience = patience if patience is not None else (3 if is_augmentation else None)
         self.mixup_alpha = mixup_alpha or 0.0
         self.adv_eps = adv_eps or 0.0
@@ -510,6 +561,8 @@ class YourModel(DefaultModel):
         self.sam_rho = sam_rho or 0.0
         self.weight_decay = weight_decay or 0.0
         self.lr_schedule = lr_schedule
+        self.augmenter = augmenter
+        self.warmup_epochs = warmup_epochs
 
     def build_cnn(self):
         keras.utils.set_random_seed(self.seed)
@@ -556,14 +609,28 @@ class YourModel(DefaultModel):
         "sam_rho",
         "weight_decay",
         "lr_schedule",
+        "augmenter",
+        "warmup_epochs",
     )
 
-    def _make_optimizer(self, total_steps):
-        learning_rate = self.learning_rate
-        if self.lr_schedule == "cosine":
-            learning_rate = keras.optimizers.schedules.CosineDecay(self.learning_rate, total_steps)
+    def _learning_rate(self, steps_per_epoch, num_epochs):
+        """The learning rate, or with ``lr_schedule='cosine'`` its schedule over the training steps:
+        a linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 over the rest."""
+        if self.lr_schedule != "cosine":
+            return self.learning_rate
+        warmup = self.warmup_epochs * steps_per_epoch
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else self.learning_rate,
+            num_epochs * steps_per_epoch - warmup,
+            warmup_target=self.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+
+    def _make_optimizer(self, steps_per_epoch, num_epochs):
         kwargs = {"weight_decay": self.weight_decay} if self.weight_decay else {}
-        return OPTIMIZERS[self.optimizer](learning_rate=learning_rate, **kwargs)
+        return OPTIMIZERS[self.optimizer](
+            learning_rate=self._learning_rate(steps_per_epoch, num_epochs), **kwargs
+        )
 
     def _trainer(self):
         if not (self.mixup_alpha or self.adv_eps or self.sam_rho):
@@ -580,7 +647,7 @@ class YourModel(DefaultModel):
     def _train_dataset(self, X, y, batch_size):
         dataset = super()._train_dataset(X, y, batch_size)
         if self.is_augmentation:
-            augmenter = build_augmenter(self.seed)
+            augmenter = build_augmenter(self.seed, self.augmenter)
             # one call at a time: the augmenter's seed state then advances in batch order; parallel
             # calls race on it and two runs with the same seed see different augmentations
             dataset = dataset.map(lambda images, labels: (augmenter(images, training=True), labels)).prefetch(

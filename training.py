@@ -31,6 +31,18 @@ def sample_beta(alpha):
     return a / (a + b)
 
 
+def batch_norm_statistics(net):
+    """The moving means and variances of every BatchNormalization layer of ``net`` (nested models
+    included): the running statistics that a forward pass in training mode updates."""
+    found = []
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found += [layer.moving_mean, layer.moving_variance]
+        elif hasattr(layer, "layers"):
+            found += batch_norm_statistics(layer)
+    return found
+
+
 class RegularizedTrainer(keras.Model):
     """Trains a plain network ``net`` with mixup, PGD adversarial examples and/or SAM.
 
@@ -88,19 +100,22 @@ class RegularizedTrainer(keras.Model):
 
         Batch norm: both passes normalise with the batch's statistics (training mode), but only
         the first pass may update the moving mean and variance; the perturbed pass's update is
-        undone, so the running statistics describe the weights w that are kept.
+        undone, so the running statistics describe the weights w that are kept. Only those are
+        restored: the dropout layers' seed states (also non-trainable variables in Keras 3) keep
+        advancing, so the two passes, and consecutive steps, draw their own dropout masks.
         """
         loss, y_pred, grads = self._gradients(x, y)
         variables = self.trainable_variables
         norm = tf.linalg.global_norm(grads) + 1e-12
         steps = [self.sam_rho * g / norm for g in grads]
-        moving = [tf.identity(v) for v in self.net.non_trainable_variables]
+        statistics = batch_norm_statistics(self.net)
+        saved = [tf.identity(v) for v in statistics]
         for v, e in zip(variables, steps):
             v.assign_add(e)
         _, _, sharp_grads = self._gradients(x, y)
         for v, e in zip(variables, steps):
             v.assign_sub(e)
-        for v, value in zip(self.net.non_trainable_variables, moving):
+        for v, value in zip(statistics, saved):
             v.assign(value)
         return loss, y_pred, sharp_grads
 

@@ -406,6 +406,33 @@ def test_sam_updates_batch_norm_statistics_once():
     np.testing.assert_allclose(moving_means[1], moving_means[0], rtol=1e-6)
 
 
+def test_sam_draws_new_dropout_masks_in_both_passes():
+    """SAM restores the batch-norm statistics only: the dropout seed state advances once per forward
+    pass, so one SAM step (two passes) advances it twice as far as one plain step."""
+    rng = np.random.RandomState(2)
+    x = rng.normal(0, 1, (8, 3)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.randint(0, 2, 8)]
+    advanced = {}
+    for rho in (0.0, 0.05):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        hidden = keras.layers.BatchNormalization()(keras.layers.Dense(16)(inputs))
+        net = keras.Model(
+            inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Dropout(0.5)(hidden))
+        )
+        trainer = training.RegularizedTrainer(net, sam_rho=rho, mixup_alpha=0.0)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy())
+        seed = next(v for v in net.non_trainable_variables if "seed_generator" in v.path)
+        before = seed.numpy().copy()
+        trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        advanced[rho] = (seed.numpy() - before).sum()
+    assert [v.path for v in training.batch_norm_statistics(net)] == [
+        f"{net.layers[2].name}/moving_mean",
+        f"{net.layers[2].name}/moving_variance",
+    ]
+    assert advanced[0.0] > 0 and advanced[0.05] == 2 * advanced[0.0]
+
+
 # ------------------------------------------------------------------------------------------------
 # Adversarial training
 # ------------------------------------------------------------------------------------------------

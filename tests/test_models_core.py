@@ -290,7 +290,7 @@ def test_positional_arguments_follow_the_assignments_order():
     assert activations == {"elu", "softmax"}
     assert {layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"} == {0.3}
     assert "BatchNormalization" in layer_types(model) and "Add" not in layer_types(model)
-    optimizer = net._make_optimizer(10)
+    optimizer = net._make_optimizer(5, 2)
     assert type(optimizer).__name__ == "SGD" and float(optimizer.learning_rate) == pytest.approx(0.01)
     rng = np.random.RandomState(0)
     manager = AnimalsDatasetManager()
@@ -412,11 +412,26 @@ def test_error_messages_say_what_is_allowed():
         YourModel(num_blocks=6)
     with pytest.raises(ValueError, match="cosine"):
         YourModel(lr_schedule="linear")
+    with pytest.raises(ValueError, match="crop_flip"):
+        YourModel(augmenter="blur")
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        YourModel(warmup_epochs=2)  # a warm-up belongs to the cosine schedule
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+    net = YourModel(lr_schedule="cosine", warmup_epochs=2, learning_rate=1e-3, verbose=False)
+    schedule = net._learning_rate(steps_per_epoch=10, num_epochs=12)
+    rates = np.array([float(schedule(step)) for step in range(121)])
+    np.testing.assert_allclose(rates[:21], np.linspace(0, 1e-3, 21), rtol=1e-5, atol=1e-12)  # warm-up
+    decay = 0.5 * 1e-3 * (1 + np.cos(np.pi * np.arange(101) / 100))  # cosine over the other 100 steps
+    np.testing.assert_allclose(rates[20:], decay, rtol=1e-4, atol=1e-9)
+    plain = YourModel(lr_schedule="cosine", learning_rate=1e-3, verbose=False)._learning_rate(10, 12)
+    assert float(plain(0)) == pytest.approx(1e-3)  # no warm-up by default
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "nadam", "adagrad", "rmsprop", "adadelta", "sgd"])
 def test_every_optimizer_of_the_assignment_is_accepted(optimizer):
-    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(10)
+    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(5, 2)
     assert type(made).__name__.lower() == optimizer and float(made.learning_rate) == pytest.approx(0.02)
 
 
@@ -522,6 +537,29 @@ def test_augmenter_changes_training_batches_only():
     assert not np.allclose(augmented, x)
     assert augmented.min() >= -1 - 1e-5 and augmented.max() <= 1 + 1e-5
     np.testing.assert_array_equal(np.asarray(augmenter(x, training=False)), x)
+
+
+def test_crop_flip_augmenter_only_moves_and_mirrors_whole_pixels():
+    """Each augmented image is the reflect-padded original, cropped at some integer offset and maybe
+    flipped: no pixel value is invented (no interpolation, so no blur); offsets and flips vary."""
+    x = np.random.RandomState(1).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
+    augmented = np.asarray(models.build_augmenter(seed=5)(x, training=True))
+    padded = np.pad(x, [(0, 0), (4, 4), (4, 4), (0, 0)], mode="reflect")
+    found = []
+    for image, source in zip(augmented, padded):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if np.array_equal(
+                image, source[dy : dy + 8, dx : dx + 8][:, ::-1] if flip else source[dy : dy + 8, dx : dx + 8]
+            )
+        ]
+        assert matches, "an augmented image is not a crop of the padded original"
+        found.append(matches[0])
+    assert len({(dy, dx) for dy, dx, _ in found}) > 10 and 0 < sum(flip for *_, flip in found) < len(found)
+    np.testing.assert_array_equal(np.asarray(models.build_augmenter(seed=5)(x, training=False)), x)
 
 
 @pytest.mark.parametrize("patience", [1, 2])
