@@ -16,8 +16,10 @@ labels are integer class indices of shape (N,); every network maps images to cla
 probabilities (softmax output).
 """
 
+import hashlib
 import os
 import warnings
+from pathlib import Path
 
 import cv2
 import matplotlib.pyplot as plt
@@ -30,7 +32,7 @@ from tensorflow.keras import layers
 
 from report import plot_histories
 from storage import save_model
-from training import RegularizedTrainer, RobustValidation
+from training import RegularizedTrainer, RobustCheckpoint, RobustValidation
 
 SEED = 1234
 """The default seed of weight initialisation, shuffling, augmentation and mixup."""
@@ -276,8 +278,8 @@ class DefaultModel:
             raise RuntimeError("Call build_cnn() (or load()) first.")
 
     # ---- training -----------------------------------------------------------------------------
-    def _make_optimizer(self, steps_per_epoch, num_epochs):
-        """The optimizer named in the constructor; the step counts are for learning-rate schedules."""
+    def _make_optimizer(self, total_steps):
+        """The optimizer named in the constructor; ``total_steps`` is for learning-rate schedules."""
         return OPTIMIZERS[self.optimizer](learning_rate=self.learning_rate)
 
     def _trainer(self):
@@ -311,11 +313,11 @@ class DefaultModel:
         batch_size = batch_size or self.batch_size
         num_epochs = num_epochs or self.num_epochs
         keras.utils.set_random_seed(self.seed)
-        steps_per_epoch = int(np.ceil(len(data_manager.X_train) / batch_size))
+        total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
         callbacks = [*self._callbacks(data_manager, num_epochs), *callbacks]
         trainer = self._trainer()
         trainer.compile(
-            optimizer=self._make_optimizer(steps_per_epoch, num_epochs),
+            optimizer=self._make_optimizer(total_steps),
             loss=keras.losses.CategoricalCrossentropy(),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
@@ -424,6 +426,18 @@ class PadCropFlip(layers.Layer):
         return {**super().get_config(), "pad": self.pad}
 
 
+def predict_flip_tta(model, X, batch_size=500):
+    """Test-time augmentation by horizontal flip: the mean of ``model``'s softmax outputs on each
+    image and on its mirror image. model: a Keras model; X: (N, H, W, C). Returns (N,) labels.
+    An evaluation-only figure, reported beside the plain one (training flips images too)."""
+    labels = []
+    for i in range(0, len(X), batch_size):
+        batch = tf.convert_to_tensor(X[i : i + batch_size])
+        probabilities = model(batch, training=False) + model(tf.reverse(batch, axis=[2]), training=False)
+        labels.append(np.argmax(probabilities, axis=1))
+    return np.concatenate(labels)
+
+
 AUGMENTERS = ("crop_flip", "resample")
 
 
@@ -474,13 +488,21 @@ class YourModel(DefaultModel):
       accuracy, which Question 3.9 does not ask for. Each epoch records the validation accuracy
       under PGD with ``adv_val_k`` steps (``val_pgd_accuracy``; 20 by default, the evaluation
       attack of Question 3.9: with eta = 0.002, ten steps move a pixel by at most 0.02 < eps), and
-      the most robust epoch is the one kept.
+      the epoch kept is chosen by ``robust_tolerance`` (see ``training.RobustCheckpoint``): the best
+      clean validation accuracy among the epochs within ``robust_tolerance`` of the best
+      ``val_pgd_accuracy`` (0: simply the most robust epoch).
     - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho.
     - ``weight_decay``: decoupled weight decay of the optimizer (Keras 3 applies it as AdamW does);
       ``lr_schedule='cosine'``: cosine decay of the learning rate to 0 over ``num_epochs``, after a
       linear warm-up from 0 over ``warmup_epochs``.
     - ``augmenter`` (with ``is_augmentation``): ``"crop_flip"`` (whole-pixel shifts and flips) or
       ``"resample"`` (the first, blurring version); see ``build_augmenter``.
+    - ``patience_from``: early stopping watches from this epoch on (Keras's ``start_from_epoch``),
+      so that the noisy first epochs of a warm-up cannot stop a run.
+    - ``label_smoothing``: training targets ``(1 - a) * onehot + a / num_classes`` (the validation
+      loss stays on the hard labels).
+    - ``init_from``: a saved ``.h5`` network of the same architecture whose weights training starts
+      from (its file's sha256 is in ``get_config``, so the cache retrains when that file changes).
     """
 
     def __init__(
@@ -515,6 +537,10 @@ class YourModel(DefaultModel):
         lr_schedule=None,
         augmenter="crop_flip",
         warmup_epochs=0,
+        patience_from=0,
+        label_smoothing=0.0,
+        init_from=None,
+        robust_tolerance=0.0,
     ):
         super().__init__(
             name,
@@ -550,6 +576,12 @@ class YourModel(DefaultModel):
             raise ValueError(f"lr_schedule={lr_schedule!r}; allowed: None, 'cosine'.")
         if augmenter not in AUGMENTERS:
             raise ValueError(f"augmenter={augmenter!r}; allowed: {', '.join(map(repr, AUGMENTERS))}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1).")
+        if robust_tolerance < 0:
+            raise ValueError(f"robust_tolerance={robust_tolerance!r} must be >= 0.")
+        if init_from is not None and not os.path.isfile(init_from):
+            raise FileNotFoundError(f"init_from={init_from!r}: no such model file.")
         if warmup_epochs < 0 or (warmup_epochs and lr_schedule != "cosine"):
             raise ValueError(f"warmup_epochs={warmup_epochs!r} must be >= 0, and needs lr_schedule='cosine'.")
         self.patience = patience if patience is not None else (3 if is_augmentation else None)
@@ -563,6 +595,11 @@ class YourModel(DefaultModel):
         self.lr_schedule = lr_schedule
         self.augmenter = augmenter
         self.warmup_epochs = warmup_epochs
+        self.patience_from = patience_from
+        self.label_smoothing = label_smoothing or 0.0
+        self.init_from = init_from
+        self.robust_tolerance = robust_tolerance
+        self._fit_epochs = num_epochs
 
     def build_cnn(self):
         keras.utils.set_random_seed(self.seed)
@@ -574,6 +611,8 @@ class YourModel(DefaultModel):
         logits = layers.Dense(self.num_classes, name="logits")(x)
         outputs = layers.Activation("softmax", name="probabilities")(logits)
         self.model = keras.Model(inputs, outputs, name=self.name)
+        if self.init_from:
+            self.model.set_weights(keras.models.load_model(self.init_from, compile=False).get_weights())
         return self.model
 
     def _block(self, x, maps, prefix):
@@ -611,7 +650,24 @@ class YourModel(DefaultModel):
         "lr_schedule",
         "augmenter",
         "warmup_epochs",
+        "patience_from",
+        "label_smoothing",
+        "robust_tolerance",
     )
+
+    def get_config(self):
+        config = super().get_config()
+        if self.init_from:  # the starting weights by content: the path differs between output folders
+            config["init_from_sha256"] = hashlib.sha256(Path(self.init_from).read_bytes()).hexdigest()
+        return config
+
+    def fit(self, data_manager, batch_size=None, num_epochs=None, callbacks=()):
+        self._fit_epochs = num_epochs or self.num_epochs  # the schedule's length (``_make_optimizer``)
+        history = super().fit(data_manager, batch_size=batch_size, num_epochs=num_epochs, callbacks=callbacks)
+        checkpoint = getattr(self, "_checkpoint", None)
+        if checkpoint is not None:
+            self.best_epoch = checkpoint.best_epoch + 1
+        return history
 
     def _learning_rate(self, steps_per_epoch, num_epochs):
         """The learning rate, or with ``lr_schedule='cosine'`` its schedule over the training steps:
@@ -626,10 +682,11 @@ class YourModel(DefaultModel):
             warmup_steps=warmup,
         )
 
-    def _make_optimizer(self, steps_per_epoch, num_epochs):
+    def _make_optimizer(self, total_steps):
         kwargs = {"weight_decay": self.weight_decay} if self.weight_decay else {}
+        steps_per_epoch = total_steps // self._fit_epochs
         return OPTIMIZERS[self.optimizer](
-            learning_rate=self._learning_rate(steps_per_epoch, num_epochs), **kwargs
+            learning_rate=self._learning_rate(steps_per_epoch, self._fit_epochs), **kwargs
         )
 
     def _trainer(self):
@@ -646,6 +703,9 @@ class YourModel(DefaultModel):
 
     def _train_dataset(self, X, y, batch_size):
         dataset = super()._train_dataset(X, y, batch_size)
+        if self.label_smoothing:
+            a, k = self.label_smoothing, self.num_classes
+            dataset = dataset.map(lambda images, onehot: (images, (1.0 - a) * onehot + a / k))
         if self.is_augmentation:
             augmenter = build_augmenter(self.seed, self.augmenter)
             # one call at a time: the augmenter's seed state then advances in batch order; parallel
@@ -656,8 +716,9 @@ class YourModel(DefaultModel):
         return dataset
 
     def _callbacks(self, data_manager, num_epochs):
-        callbacks = []
+        callbacks, self._checkpoint = [], None
         if self.adv_eps:
+            self._checkpoint = RobustCheckpoint(tolerance=self.robust_tolerance)
             callbacks.append(
                 RobustValidation(
                     data_manager.X_valid,
@@ -667,22 +728,15 @@ class YourModel(DefaultModel):
                     eta=self.adv_eta,
                 )
             )
+            callbacks.append(self._checkpoint)
+        if self.patience:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
-                    monitor="val_pgd_accuracy",
-                    mode="max",
-                    patience=self.patience or num_epochs,
-                    restore_best_weights=True,
-                    verbose=int(self.verbose),
-                )
-            )
-        elif self.patience:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_accuracy",
+                    monitor="val_pgd_accuracy" if self.adv_eps else "val_accuracy",
                     mode="max",
                     patience=self.patience,
-                    restore_best_weights=True,
+                    start_from_epoch=self.patience_from,
+                    restore_best_weights=not self.adv_eps,  # adversarial runs: the checkpoint restores
                     verbose=int(self.verbose),
                 )
             )

@@ -611,3 +611,118 @@ def test_strong_k_must_exceed_k(clean_net, report):
     x, y, _, _ = report
     with pytest.raises(ValueError, match="strong_k"):
         attacks.evaluate_robustness(clean_net.model, x, y, eps=EPS, k=5, eta=ETA, strong_k=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# #13: the robust checkpoint rule, label smoothing, a start from saved weights, flip TTA, sharpness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "robust, clean, tolerance, expected",
+    [
+        ([0.30, 0.38, 0.375, 0.369], [0.70, 0.60, 0.64, 0.66], 0.01, 2),  # 0.369 is out of reach
+        ([0.30, 0.38, 0.375, 0.370], [0.70, 0.60, 0.64, 0.66], 0.01, 3),  # 0.370 is within 0.01
+        ([0.30, 0.38, 0.375, 0.37], [0.70, 0.60, 0.64, 0.66], 0.0, 1),  # 0: the most robust epoch
+        ([0.30, 0.38, 0.38, 0.371], [0.70, 0.62, 0.62, 0.60], 0.01, 1),  # tie on clean: the earlier
+        ([0.30, 0.38, 0.375, 0.37], [0.70, 0.60, 0.64, 0.66], 0.1, 0),  # a wide tolerance admits all
+    ],
+)
+def test_choose_robust_epoch(robust, clean, tolerance, expected):
+    assert training.choose_robust_epoch(robust, clean, tolerance) == expected
+
+
+def test_robust_checkpoint_restores_the_chosen_epochs_weights():
+    net = tiny_dense()[0]
+    checkpoint = training.RobustCheckpoint(tolerance=0.01)
+    checkpoint.set_model(net)
+    checkpoint.on_train_begin()
+    snapshots = []
+    for epoch, (robust, clean) in enumerate([(0.30, 0.70), (0.38, 0.60), (0.375, 0.64), (0.36, 0.80)]):
+        net.set_weights([w + epoch for w in net.get_weights()])
+        snapshots.append(net.get_weights())
+        checkpoint.on_epoch_end(epoch, {"val_pgd_accuracy": robust, "val_accuracy": clean})
+    checkpoint.on_train_end()
+    assert checkpoint.best_epoch == 2
+    for kept, expected in zip(net.get_weights(), snapshots[2]):
+        np.testing.assert_array_equal(kept, expected)
+
+
+@pytest.mark.slow
+def test_adversarial_fit_reports_the_checkpoint_rules_epoch(data):
+    small = manager_of(data.X_train[:96], data.y_train[:96], data.X_valid[:48], data.y_valid[:48])
+    net = net_of(num_blocks=1, feature_maps=4, adv_eps=EPS, adv_k=2, adv_val_k=3, robust_tolerance=0.05)
+    net.build_cnn()
+    history = net.fit(small, batch_size=32, num_epochs=3)
+    expected = training.choose_robust_epoch(history["val_pgd_accuracy"], history["val_accuracy"], 0.05)
+    assert net.best_epoch == expected + 1
+    kept = attacks.robust_accuracy(
+        net.model, small.X_valid, small.y_valid, attacks.pgd_attack, eps=EPS, k=3, eta=ETA
+    )
+    assert kept == pytest.approx(history["val_pgd_accuracy"][expected], abs=1e-9)
+
+
+def test_label_smoothing_softens_the_training_targets_only(data):
+    net = net_of(label_smoothing=0.1)
+    dataset = net._train_dataset(data.X_train[:8], data.y_train[:8], batch_size=8)
+    _, targets = next(iter(dataset))
+    expected = 0.9 * np.eye(CLASSES)[data.y_train[:8]] + 0.1 / CLASSES
+    np.testing.assert_allclose(np.sort(np.asarray(targets), axis=0), np.sort(expected, axis=0), atol=1e-7)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        net_of(label_smoothing=1.0)
+
+
+def test_training_starts_from_init_from_and_keys_its_content(clean_net, tmp_path):
+    path = tmp_path / "start.h5"
+    clean_net.save(str(path))
+    net = net_of(init_from=str(path))
+    net.build_cnn()
+    for ours, theirs in zip(net.model.get_weights(), clean_net.model.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    digest = net.get_config()["init_from_sha256"]
+    assert len(digest) == 64 and "init_from" not in net.get_config()
+    moved = tmp_path / "elsewhere.h5"
+    moved.write_bytes(path.read_bytes())
+    assert net_of(init_from=str(moved)).get_config()["init_from_sha256"] == digest  # content, not path
+    other = net_of()
+    other.build_cnn()
+    other.save(str(moved))
+    assert net_of(init_from=str(moved)).get_config()["init_from_sha256"] != digest
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        net_of(init_from=str(tmp_path / "missing.h5"))
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(clean_net, batch):
+    x, _ = batch
+    model = clean_net.model
+    mirrored = x[:, :, ::-1, :]
+    expected = np.argmax(
+        np.asarray(model(x, training=False)) + np.asarray(model(mirrored, training=False)), axis=1
+    )
+    np.testing.assert_array_equal(models.predict_flip_tta(model, x, batch_size=30), expected)
+
+
+def test_top_hessian_eigenvalue_matches_the_explicit_hessian():
+    rng = np.random.RandomState(0)
+    x = rng.randn(40, 3, 3, 1).astype(np.float32)
+    y = rng.randint(0, 3, 40)
+    net = keras.Sequential(
+        [
+            keras.Input((3, 3, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    net.set_weights([w + 0.3 * rng.randn(*w.shape).astype(np.float32) for w in net.get_weights()])
+    variables = net.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = keras.losses.SparseCategoricalCrossentropy()(y, net(x, training=False))
+        flat = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], axis=0)
+    hessian = np.concatenate(
+        [tf.reshape(j, [flat.shape[0], -1]).numpy() for j in outer.jacobian(flat, variables)], axis=1
+    )
+    eigenvalues = np.linalg.eigvalsh((hessian + hessian.T) / 2)
+    top = eigenvalues[np.argmax(np.abs(eigenvalues))]
+    value, estimates = training.top_hessian_eigenvalue(net, x, y, iterations=100, batch_size=16)
+    assert len(estimates) == 100
+    assert value == pytest.approx(top, rel=1e-3)

@@ -290,7 +290,7 @@ def test_positional_arguments_follow_the_assignments_order():
     assert activations == {"elu", "softmax"}
     assert {layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"} == {0.3}
     assert "BatchNormalization" in layer_types(model) and "Add" not in layer_types(model)
-    optimizer = net._make_optimizer(5, 2)
+    optimizer = net._make_optimizer(10)
     assert type(optimizer).__name__ == "SGD" and float(optimizer.learning_rate) == pytest.approx(0.01)
     rng = np.random.RandomState(0)
     manager = AnimalsDatasetManager()
@@ -427,11 +427,38 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     np.testing.assert_allclose(rates[20:], decay, rtol=1e-4, atol=1e-9)
     plain = YourModel(lr_schedule="cosine", learning_rate=1e-3, verbose=False)._learning_rate(10, 12)
     assert float(plain(0)) == pytest.approx(1e-3)  # no warm-up by default
+    made = YourModel(lr_schedule="cosine", warmup_epochs=2, learning_rate=1e-3, num_epochs=12, verbose=False)
+    optimizer = made._make_optimizer(
+        total_steps=120
+    )  # 10 steps per epoch: the epochs are fit's (or the constructor's)
+    rates = []
+    for step in (0, 10, 20, 120):
+        optimizer.iterations.assign(step)
+        rates.append(float(optimizer.learning_rate))
+    np.testing.assert_allclose(rates, [0, 5e-4, 1e-3, 0], atol=1e-9)
+
+
+def test_early_stopping_watches_from_patience_from():
+    manager = AnimalsDatasetManager()
+    manager.X_valid, manager.y_valid = np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, int)
+    (stopper,) = YourModel(patience=3, patience_from=20, verbose=False)._callbacks(manager, 40)
+    assert (stopper.monitor, stopper.patience, stopper.start_from_epoch) == ("val_accuracy", 3, 20)
+    assert stopper.restore_best_weights
+    adversarial = YourModel(adv_eps=0.03, patience=5, robust_tolerance=0.01, verbose=False)._callbacks(
+        manager, 40
+    )
+    assert [type(cb).__name__ for cb in adversarial] == [
+        "RobustValidation",
+        "RobustCheckpoint",
+        "EarlyStopping",
+    ]
+    assert adversarial[1].tolerance == 0.01
+    assert adversarial[2].monitor == "val_pgd_accuracy" and not adversarial[2].restore_best_weights
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "nadam", "adagrad", "rmsprop", "adadelta", "sgd"])
 def test_every_optimizer_of_the_assignment_is_accepted(optimizer):
-    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(5, 2)
+    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(10)
     assert type(made).__name__.lower() == optimizer and float(made.learning_rate) == pytest.approx(0.02)
 
 
