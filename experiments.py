@@ -365,6 +365,8 @@ class ExperimentCache:
             config = record["key_parts"]["config"]
             cls = network_class_of(config)
             network = network_of(cls, config)
+            if "init_from_sha256" in config:  # trained from saved weights: are they still in this cache?
+                network.init_from = self._model_with_sha256(config["init_from_sha256"])
             parts = dict(
                 config=run_config(network, config["fit_batch_size"], config["fit_num_epochs"]),
                 data=data,
@@ -378,6 +380,13 @@ class ExperimentCache:
                 reasons.append("model file missing")
             report.append((name, reasons))
         return report
+
+    def _model_with_sha256(self, digest):
+        """The path of a model file of this cache whose content has sha256 ``digest``, or None."""
+        for path in sorted((self.folder / "models").rglob("*.h5")):
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return str(path)
+        return None
 
 
 class _Tee(io.StringIO):

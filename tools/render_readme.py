@@ -80,8 +80,10 @@ def table_rows(r):
     sid = f" (student ID {sid})" if sid is not None else ""
     mix = lookup(p3, "mixup", "alpha")
     mix = f" (α = {mix})" if mix is not None else ""
-    patience = lookup(p3, "augmentation", "with", "patience")
-    patience = f" (early-stopping patience {patience})" if patience is not None else ""
+    rho = lookup(p3, "sam", "rho")
+    rho = f" (ρ = {rho}, chosen on validation)" if rho is not None else ""
+    best_name = lookup(p3, "best_clean", "name")
+    best_name = f" ({best_name})" if best_name else ""
     strong_k = lookup(p3, "adversarial", "pgd_strong_k")
     restarts = lookup(p3, "adversarial", "pgd_restarts")
     strong = f"PGD-{strong_k or 'k'} / PGD-20 with {restarts or 'n'} random restarts"
@@ -111,11 +113,11 @@ def table_rows(r):
         ("3", f"3.4 best of the 12-run grid{arch3}, test accuracy", best3.get("test_acc")),
         (
             "3",
-            f"3.6 with augmentation{patience}, test accuracy",
-            lookup(p3, "augmentation", "with", "test_acc"),
+            "3.6 without / with augmentation (40 epochs), test accuracy",
+            [lookup(p3, "augmentation", side, "test_acc") for side in ("without", "with")],
         ),
         ("3", f"3.7 with mixup{mix}, test accuracy", lookup(p3, "mixup", "test_acc")),
-        ("3", "augmentation + mixup + cosine schedule, test accuracy", lookup(p3, "combined", "test_acc")),
+        ("3", "+ weight decay and label smoothing, test accuracy", lookup(p3, "recipe", "test_acc")),
         (
             "3",
             "3.8 best model: clean / FGSM / PGD / MIM accuracy",
@@ -131,7 +133,12 @@ def table_rows(r):
             f"3.9 adversarially trained: {strong} / worst case over every attack",
             [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")],
         ),
-        ("3", "3.10 SAM, test accuracy", lookup(p3, "sam", "test_acc")),
+        ("3", f"3.10 SAM{rho}, test accuracy", lookup(p3, "sam", "test_acc")),
+        (
+            "3",
+            f"best clean model by validation{best_name}: test accuracy / with flip test-time augmentation",
+            [lookup(p3, "best_clean", k) for k in ("test_acc", "test_acc_flip_tta")],
+        ),
     ]
 
 
