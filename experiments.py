@@ -35,7 +35,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import write_json
+from storage import file_sha256, write_json
 
 PROJECT_DIR = Path(__file__).resolve().parent
 KEY_PARTS = ("config", "data", "code", "versions")
@@ -384,7 +384,7 @@ class ExperimentCache:
     def _model_with_sha256(self, digest):
         """The path of a model file of this cache whose content has sha256 ``digest``, or None."""
         for path in sorted((self.folder / "models").rglob("*.h5")):
-            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if file_sha256(path) == digest:
                 return str(path)
         return None
 

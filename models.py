@@ -16,10 +16,8 @@ labels are integer class indices of shape (N,); every network maps images to cla
 probabilities (softmax output).
 """
 
-import hashlib
 import os
 import warnings
-from pathlib import Path
 
 import cv2
 import matplotlib.pyplot as plt
@@ -31,7 +29,7 @@ from tensorflow import keras
 from tensorflow.keras import layers
 
 from report import plot_histories
-from storage import save_model
+from storage import file_sha256, save_model
 from training import RegularizedTrainer, RobustCheckpoint, RobustValidation
 
 SEED = 1234
@@ -278,8 +276,8 @@ class DefaultModel:
             raise RuntimeError("Call build_cnn() (or load()) first.")
 
     # ---- training -----------------------------------------------------------------------------
-    def _make_optimizer(self, total_steps):
-        """The optimizer named in the constructor; ``total_steps`` is for learning-rate schedules."""
+    def _make_optimizer(self, steps_per_epoch, num_epochs):
+        """The optimizer named in the constructor; the training's length is for learning-rate schedules."""
         return OPTIMIZERS[self.optimizer](learning_rate=self.learning_rate)
 
     def _trainer(self):
@@ -313,11 +311,11 @@ class DefaultModel:
         batch_size = batch_size or self.batch_size
         num_epochs = num_epochs or self.num_epochs
         keras.utils.set_random_seed(self.seed)
-        total_steps = num_epochs * int(np.ceil(len(data_manager.X_train) / batch_size))
+        steps_per_epoch = int(np.ceil(len(data_manager.X_train) / batch_size))
         callbacks = [*self._callbacks(data_manager, num_epochs), *callbacks]
         trainer = self._trainer()
         trainer.compile(
-            optimizer=self._make_optimizer(total_steps),
+            optimizer=self._make_optimizer(steps_per_epoch, num_epochs),
             loss=keras.losses.CategoricalCrossentropy(),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
@@ -503,6 +501,11 @@ class YourModel(DefaultModel):
       loss stays on the hard labels).
     - ``init_from``: a saved ``.h5`` network of the same architecture whose weights training starts
       from (its file's sha256 is in ``get_config``, so the cache retrains when that file changes).
+    - ``ema_momentum``: weight averaging (Polyak averaging; Keras's ``use_ema``): after every step
+      ``ema = m * ema + (1 - m) * w``. Validation, the callbacks (the checkpoint rule, early stopping)
+      and the saved network see the averaged weights; training goes on from the raw ones
+      (``keras.callbacks.SwapEMAWeights``). Only trainable weights are averaged: batch norm keeps the
+      moving statistics that the training steps collected.
     """
 
     def __init__(
@@ -541,6 +544,7 @@ class YourModel(DefaultModel):
         label_smoothing=0.0,
         init_from=None,
         robust_tolerance=0.0,
+        ema_momentum=0.0,
     ):
         super().__init__(
             name,
@@ -578,6 +582,8 @@ class YourModel(DefaultModel):
             raise ValueError(f"augmenter={augmenter!r}; allowed: {', '.join(map(repr, AUGMENTERS))}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1).")
+        if not 0.0 <= (ema_momentum or 0.0) < 1.0:
+            raise ValueError(f"ema_momentum={ema_momentum!r} must be in [0, 1) (0 or None turns it off).")
         if robust_tolerance < 0:
             raise ValueError(f"robust_tolerance={robust_tolerance!r} must be >= 0.")
         if init_from is not None and not os.path.isfile(init_from):
@@ -599,7 +605,7 @@ class YourModel(DefaultModel):
         self.label_smoothing = label_smoothing or 0.0
         self.init_from = init_from
         self.robust_tolerance = robust_tolerance
-        self._fit_epochs = num_epochs
+        self.ema_momentum = ema_momentum or 0.0
 
     def build_cnn(self):
         keras.utils.set_random_seed(self.seed)
@@ -653,16 +659,16 @@ class YourModel(DefaultModel):
         "patience_from",
         "label_smoothing",
         "robust_tolerance",
+        "ema_momentum",
     )
 
     def get_config(self):
         config = super().get_config()
         if self.init_from:  # the starting weights by content: the path differs between output folders
-            config["init_from_sha256"] = hashlib.sha256(Path(self.init_from).read_bytes()).hexdigest()
+            config["init_from_sha256"] = file_sha256(self.init_from)
         return config
 
     def fit(self, data_manager, batch_size=None, num_epochs=None, callbacks=()):
-        self._fit_epochs = num_epochs or self.num_epochs  # the schedule's length (``_make_optimizer``)
         history = super().fit(data_manager, batch_size=batch_size, num_epochs=num_epochs, callbacks=callbacks)
         checkpoint = getattr(self, "_checkpoint", None)
         if checkpoint is not None:
@@ -682,11 +688,12 @@ class YourModel(DefaultModel):
             warmup_steps=warmup,
         )
 
-    def _make_optimizer(self, total_steps):
+    def _make_optimizer(self, steps_per_epoch, num_epochs):
         kwargs = {"weight_decay": self.weight_decay} if self.weight_decay else {}
-        steps_per_epoch = total_steps // self._fit_epochs
+        if self.ema_momentum:
+            kwargs.update(use_ema=True, ema_momentum=self.ema_momentum)
         return OPTIMIZERS[self.optimizer](
-            learning_rate=self._learning_rate(steps_per_epoch, self._fit_epochs), **kwargs
+            learning_rate=self._learning_rate(steps_per_epoch, num_epochs), **kwargs
         )
 
     def _trainer(self):
@@ -717,6 +724,9 @@ class YourModel(DefaultModel):
 
     def _callbacks(self, data_manager, num_epochs):
         callbacks, self._checkpoint = [], None
+        if self.ema_momentum:
+            # first, so that every later callback (and validation) sees the averaged weights
+            callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
         if self.adv_eps:
             self._checkpoint = RobustCheckpoint(tolerance=self.robust_tolerance)
             callbacks.append(

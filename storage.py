@@ -2,6 +2,7 @@
 target's folder and renamed over the target, so an interrupted run leaves the old file or none,
 never half of one. Files are created readable by everyone (mode 0644), like any other file here."""
 
+import hashlib
 import json
 import os
 
@@ -37,3 +38,9 @@ def save_model(model, path):
     """``model.save(path)`` atomically, without the optimizer state: the file holds the trained
     network only (a third of the size). The format follows the extension (``.h5`` here)."""
     _write_atomically(path, lambda tmp: model.save(tmp, include_optimizer=False))
+
+
+def file_sha256(path):
+    """The sha256 of a file's content (hex): names a saved model by what it holds, not where it is."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -670,6 +670,45 @@ def test_label_smoothing_softens_the_training_targets_only(data):
         net_of(label_smoothing=1.0)
 
 
+class TrainingWeights(keras.callbacks.Callback):
+    """Records the raw training weights after every step."""
+
+    def on_train_begin(self, logs=None):
+        self.steps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        net = getattr(self.model, "net", self.model)
+        self.steps.append([np.array(w) for w in net.trainable_weights])
+
+
+@pytest.mark.parametrize("options", [{}, {"mixup_alpha": 0.2}], ids=["plain", "through RegularizedTrainer"])
+def test_weight_averaging_validates_and_keeps_the_moving_average(data, options):
+    # no batch norm: the network's output then depends on its trainable weights alone
+    net = net_of(ema_momentum=0.9, batch_norm=False, **options)
+    net.build_cnn()
+    recorder = TrainingWeights()
+    net.fit(data, callbacks=[recorder])
+    assert len(recorder.steps) == 2 * int(np.ceil(len(data.X_train) / 32))
+    average = recorder.steps[0]  # Keras starts the average at the first step's weights
+    for step in recorder.steps[1:]:
+        average = [0.9 * a + 0.1 * w for a, w in zip(average, step)]
+    for kept, expected in zip(net.model.trainable_weights, average):
+        np.testing.assert_allclose(np.array(kept), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.array(net.model.trainable_weights[0]), recorder.steps[-1][0], atol=1e-6)
+    # each epoch's validation measures the averaged weights: the last one is the kept network's accuracy
+    assert net.history["val_accuracy"][-1] == pytest.approx(
+        net.compute_accuracy(data.X_valid, data.y_valid),
+        abs=1e-6,  # float32 metric; one image is 1/150
+    )
+
+
+def test_weight_averaging_momentum_is_checked():
+    for momentum in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_momentum"):
+            net_of(ema_momentum=momentum)
+    assert net_of(ema_momentum=None).ema_momentum == 0.0
+
+
 def test_training_starts_from_init_from_and_keys_its_content(clean_net, tmp_path):
     path = tmp_path / "start.h5"
     clean_net.save(str(path))

@@ -7,6 +7,7 @@ interpreter in that folder. The `check` tests run the command on such a copy wit
 entries and the real Animals data.
 """
 
+import inspect
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import time
 
 import pytest
 
+import models
 from conftest import REPO_ROOT, animals_dir
 from experiments import ExperimentCache, Run
 from models import DefaultModel
@@ -331,3 +333,23 @@ def test_check_command_on_the_committed_entries(edit, expected, tmp_path):
         stale = [line for line in lines[:-1] if line.endswith("stale (code changed)")]
         # every YourModel entry depends on the projection (adversarial validation); DefaultModel's do not
         assert len(stale) == count - 2 and lines[-1] == f"{count} entries, {count - 2} stale"
+
+
+def test_restamp_probes_cover_every_option_the_committed_entries_use():
+    """``tools/restamp_cache.py`` proves a library change harmless by training its probes with the old and
+    the new code, so the probes must switch on every training option a committed entry switches on."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import restamp_cache
+
+    probed = {}
+    for cls, options, _ in restamp_cache.PROBES.values():
+        probed.setdefault(cls, set()).update(options)
+    for path in (REPO_ROOT / "results" / "cache").rglob("*.json"):
+        config = json.loads(path.read_text())["key_parts"]["config"]
+        parameters = inspect.signature(getattr(models, config["class"]).__init__).parameters
+        switches = {k for k, p in parameters.items() if p.kind is p.KEYWORD_ONLY and k != "seed"}
+        switches |= {"is_augmentation", "batch_norm", "use_skip"} & set(parameters)
+        used = {k for k in switches if k in config and config[k] != parameters[k].default}
+        if "init_from_sha256" in config:
+            used.add("init_from")
+        assert used <= probed[config["class"]], (path.name, used - probed[config["class"]])

@@ -290,7 +290,7 @@ def test_positional_arguments_follow_the_assignments_order():
     assert activations == {"elu", "softmax"}
     assert {layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"} == {0.3}
     assert "BatchNormalization" in layer_types(model) and "Add" not in layer_types(model)
-    optimizer = net._make_optimizer(10)
+    optimizer = net._make_optimizer(10, 1)
     assert type(optimizer).__name__ == "SGD" and float(optimizer.learning_rate) == pytest.approx(0.01)
     rng = np.random.RandomState(0)
     manager = AnimalsDatasetManager()
@@ -428,9 +428,7 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     plain = YourModel(lr_schedule="cosine", learning_rate=1e-3, verbose=False)._learning_rate(10, 12)
     assert float(plain(0)) == pytest.approx(1e-3)  # no warm-up by default
     made = YourModel(lr_schedule="cosine", warmup_epochs=2, learning_rate=1e-3, num_epochs=12, verbose=False)
-    optimizer = made._make_optimizer(
-        total_steps=120
-    )  # 10 steps per epoch: the epochs are fit's (or the constructor's)
+    optimizer = made._make_optimizer(steps_per_epoch=10, num_epochs=12)  # fit's epochs (or the constructor's)
     rates = []
     for step in (0, 10, 20, 120):
         optimizer.iterations.assign(step)
@@ -454,11 +452,17 @@ def test_early_stopping_watches_from_patience_from():
     ]
     assert adversarial[1].tolerance == 0.01
     assert adversarial[2].monitor == "val_pgd_accuracy" and not adversarial[2].restore_best_weights
+    averaged = YourModel(adv_eps=0.03, ema_momentum=0.99, verbose=False)._callbacks(manager, 40)
+    # the averaged weights are swapped in first, so that the robust validation and checkpoint see them
+    names = [type(cb).__name__ for cb in averaged]
+    assert names[:3] == ["SwapEMAWeights", "RobustValidation", "RobustCheckpoint"]
+    optimizer = YourModel(ema_momentum=0.99, verbose=False)._make_optimizer(10, 20)
+    assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.99)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "nadam", "adagrad", "rmsprop", "adadelta", "sgd"])
 def test_every_optimizer_of_the_assignment_is_accepted(optimizer):
-    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(10)
+    made = YourModel(optimizer=optimizer, learning_rate=0.02, verbose=False)._make_optimizer(10, 20)
     assert type(made).__name__.lower() == optimizer and float(made.learning_rate) == pytest.approx(0.02)
 
 
