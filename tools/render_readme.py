@@ -117,7 +117,7 @@ def table_rows(r):
             [lookup(p3, "augmentation", side, "test_acc") for side in ("without", "with")],
         ),
         ("3", f"3.7 with mixup{mix}, test accuracy", lookup(p3, "mixup", "test_acc")),
-        ("3", "+ weight decay and label smoothing, test accuracy", lookup(p3, "recipe", "test_acc")),
+        ("3", "+ weight averaging (EMA of the weights), test accuracy", lookup(p3, "recipe", "test_acc")),
         (
             "3",
             "3.8 best model: clean / FGSM / PGD / MIM accuracy",
