@@ -37,84 +37,33 @@ QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")  # the child processes: no Te
 # trained weights. Small networks and data: the point is the code path, not the accuracy. The probes
 # switch on every option the committed entries use (a test checks it), and only options the old code
 # knows: weight averaging (ema_momentum) joined them after it served to re-stamp the cache since b1a6b4c.
+SMALL = dict(num_blocks=2, feature_maps=8, num_classes=4, batch_size=16)
+CNN = dict(SMALL, batch_norm=True, is_augmentation=True, lr_schedule="cosine", learning_rate=1e-3)
 PROBES = {
-    "default": ("DefaultModel", dict(num_blocks=2, feature_maps=8, num_classes=4, batch_size=16), 2),
-    "augment": (
-        "YourModel",
-        dict(
-            num_blocks=2,
-            feature_maps=8,
-            num_classes=4,
-            batch_size=16,
-            batch_norm=True,
-            is_augmentation=True,
-            patience=1,
-            patience_from=1,
-            lr_schedule="cosine",
-            warmup_epochs=1,
-            learning_rate=1e-3,
-            ema_momentum=0.9,
-        ),
-        4,
-    ),
+    "default": ("DefaultModel", SMALL, 2),
+    "augment": ("YourModel", dict(CNN, patience=1, patience_from=1, warmup_epochs=1, ema_momentum=0.9), 4),
     "mixup": (
         "YourModel",
-        dict(
-            num_blocks=2,
-            feature_maps=8,
-            num_classes=4,
-            batch_size=16,
-            batch_norm=True,
-            use_skip=False,
-            is_augmentation=True,
-            patience=3,
-            mixup_alpha=0.2,
-            weight_decay=0.004,
-            label_smoothing=0.1,
-            lr_schedule="cosine",
-            learning_rate=1e-3,
-        ),
+        dict(CNN, use_skip=False, patience=3, mixup_alpha=0.2, weight_decay=0.004, label_smoothing=0.1),
         3,
     ),
     "robust": (
         "YourModel",
         dict(
-            num_blocks=2,
-            feature_maps=8,
-            num_classes=4,
-            batch_size=16,
-            batch_norm=True,
-            is_augmentation=True,
+            CNN,
             patience=3,
             mixup_alpha=0.2,
             adv_eps=0.0313,
             adv_k=2,
             adv_val_k=3,
             robust_tolerance=0.01,
-            lr_schedule="cosine",
             warmup_epochs=1,
-            learning_rate=1e-3,
             init_from="mixup",
             ema_momentum=0.9,
         ),
         3,
     ),
-    "sam": (
-        "YourModel",
-        dict(
-            num_blocks=2,
-            feature_maps=8,
-            num_classes=4,
-            batch_size=16,
-            batch_norm=True,
-            is_augmentation=True,
-            patience=3,
-            sam_rho=0.05,
-            lr_schedule="cosine",
-            learning_rate=1e-3,
-        ),
-        2,
-    ),
+    "sam": ("YourModel", dict(CNN, patience=3, sam_rho=0.05), 2),
 }
 
 
