@@ -364,9 +364,7 @@ class ExperimentCache:
                 continue
             config = record["key_parts"]["config"]
             cls = network_class_of(config)
-            network = network_of(cls, config)
-            if "init_from_sha256" in config:  # trained from saved weights: are they still in this cache?
-                network.init_from = self._model_with_sha256(config["init_from_sha256"])
+            network = self.recorded_network(cls, config)
             parts = dict(
                 config=run_config(network, config["fit_batch_size"], config["fit_num_epochs"]),
                 data=data,
@@ -380,6 +378,14 @@ class ExperimentCache:
                 reasons.append("model file missing")
             report.append((name, reasons))
         return report
+
+    def recorded_network(self, cls, config):
+        """An unbuilt ``cls`` network with a recorded configuration (``run_config``'s); one trained from
+        saved weights starts from the model file of this cache with the recorded sha256 (None if gone)."""
+        network = network_of(cls, config)
+        if "init_from_sha256" in config:
+            network.init_from = self._model_with_sha256(config["init_from_sha256"])
+        return network
 
     def _model_with_sha256(self, digest):
         """The path of a model file of this cache whose content has sha256 ``digest``, or None."""

@@ -135,9 +135,7 @@ def restamp(folder, animals, since):
         record = json.loads(path.read_text())
         old = record["key_parts"]
         cls = getattr(models, old["config"]["class"])
-        network = experiments.network_of(cls, old["config"])
-        if "init_from_sha256" in old["config"]:
-            network.init_from = cache._model_with_sha256(old["config"]["init_from_sha256"])
+        network = cache.recorded_network(cls, old["config"])
         parts = experiments.key_parts(
             network, data, old["config"]["fit_batch_size"], old["config"]["fit_num_epochs"]
         )
