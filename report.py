@@ -151,3 +151,136 @@ def significance(test):
     images)": A right and B wrong on 12 images, the other way round on 9."""
     verdict = "significant" if test.significant else "not significant"
     return f"{verdict} (McNemar p = {test.p_value:.2g}; {test.a_only} vs {test.b_only} discordant images)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparisons in words
+# --------------------------------------------------------------------------------------------------
+# The words a comparative sentence may use, and where they come from: ``compare`` (a direction and its
+# significance) or ``rank`` (the extreme of a table the reader sees). tests/test_claims.py finds every
+# sentence of the committed notebooks that uses one and requires it to carry a recorded comparison.
+COMPARATIVE_WORDS = (
+    "gain",
+    "gains",
+    "helps",
+    "hurts",
+    "pays",
+    "better",
+    "worse",
+    "larger",
+    "largest",
+    "smaller",
+    "smallest",
+    "stronger",
+    "strongest",
+    "weaker",
+    "weakest",
+    "significant",
+    "significantly",
+    "improves",
+    "a loss of",
+)
+
+
+def compare(
+    label_a, label_b, metric, correct_a=None, correct_b=None, values_a=None, values_b=None, alpha=0.05
+):
+    """B against A in words, by construction: direction, size and significance of ``B - A``.
+
+    Either ``correct_a``/``correct_b``, (N,) bools (is each model right on each of the same N images:
+    McNemar's exact test), or ``values_a``/``values_b``, one figure per seed (Welch's t-test on the
+    seed means; with one seed each there is no test and no direction is claimed). ``metric`` names
+    what the figures are (e.g. "validation accuracy"). The direction is "gain" or "loss" only when the
+    test rejects equality at ``alpha``; otherwise "no measurable change". Returns a dict (JSON-ready,
+    stored in ``results/partN.json``) with ``a``, ``b`` (the two figures: accuracies, or seed means),
+    ``difference``, ``test``, ``p_value``, ``significant``, ``direction`` and ``words``, e.g.
+    "a significant gain in validation accuracy of +0.040 (0.732 → 0.772; McNemar p = 0.003)".
+    """
+    paired = correct_a is not None and correct_b is not None and values_a is None and values_b is None
+    seeds = values_a is not None and values_b is not None and correct_a is None and correct_b is None
+    if not (paired or seeds):
+        raise ValueError("give correct_a and correct_b (same images), or values_a and values_b (seeds)")
+    if paired:
+        test = mcnemar(correct_b, correct_a, alpha)
+        a, b = float(np.mean(correct_a)), float(np.mean(correct_b))
+        test_name, p_value = "McNemar", test.p_value
+        detail = f"{test.a_only} vs {test.b_only} discordant images"  # B right only vs A right only
+    else:
+        from scipy.stats import ttest_ind
+
+        va, vb = np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
+        a, b = float(va.mean()), float(vb.mean())
+        if min(len(va), len(vb)) < 2:
+            test_name, p_value, detail = "one seed", 1.0, "no test with one seed"
+        else:
+            test_name = "Welch t"
+            p_value = float(ttest_ind(vb, va, equal_var=False).pvalue)
+            if not np.isfinite(p_value):  # both spreads zero: equal means or a certain difference
+                p_value = 1.0 if a == b else 0.0
+            detail = f"{len(vb)} vs {len(va)} seeds"
+    return _comparison(label_a, label_b, metric, a, b, test_name, p_value, detail, alpha)
+
+
+def _comparison(label_a, label_b, metric, a, b, test_name, p_value, detail, alpha):
+    significant = bool(p_value < alpha) and a != b
+    direction = ("gain" if b > a else "loss") if significant else "no measurable change"
+    figures = f"{a:.3f} → {b:.3f}; {test_name} p = {p_value:.2g}, {detail}"
+    if significant:
+        words = f"a significant {direction} in {metric} of {b - a:+.3f} ({figures})"
+    else:
+        words = f"no measurable change in {metric}: {b - a:+.3f} ({figures})"
+    return dict(
+        kind="comparison",
+        a_label=label_a,
+        b_label=label_b,
+        metric=metric,
+        a=a,
+        b=b,
+        difference=b - a,
+        test=test_name,
+        p_value=float(p_value),
+        detail=detail,
+        alpha=alpha,
+        significant=significant,
+        direction=direction,
+        words=words,
+    )
+
+
+def rerender(record):
+    """The words ``compare`` or ``rank`` gives for a stored record's figures (the claims test checks
+    that the stored words are these)."""
+    if record["kind"] == "ranking":
+        return rank(record["values"], record["metric"], record["extreme"], record["fmt"])["words"]
+    return _comparison(
+        record["a_label"],
+        record["b_label"],
+        record["metric"],
+        record["a"],
+        record["b"],
+        record["test"],
+        record["p_value"],
+        record["detail"],
+        record["alpha"],
+    )["words"]
+
+
+def rank(values, metric, extreme="largest", fmt="+.3f"):
+    """The extreme of a table the reader sees, in words: ``values`` {label: figure}; ``extreme``
+    "largest" or "smallest"; ``fmt``: how a figure is printed. Returns a JSON-ready dict with
+    ``winner`` and ``words``, e.g. "the largest validation accuracy gain: 40 epochs (+0.044, of 5
+    rows)"."""
+    if extreme not in ("largest", "smallest") or not values:
+        raise ValueError(f"extreme must be 'largest' or 'smallest' over a non-empty table, got {extreme!r}")
+    pick = max if extreme == "largest" else min
+    winner = pick(values, key=values.get)
+    words = f"the {extreme} {metric}: {winner} ({values[winner]:{fmt}}, of {len(values)} rows)"
+    return dict(
+        kind="ranking",
+        metric=metric,
+        extreme=extreme,
+        fmt=fmt,
+        values=dict(values),
+        winner=winner,
+        words=words,
+    )

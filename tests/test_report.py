@@ -1,12 +1,13 @@
 """report.py: McNemar's test and the stopwatch the notebooks use."""
 
+import json
 import math
 import time
 
 import numpy as np
 import pytest
 
-from report import Stopwatch, mcnemar, significance
+from report import Stopwatch, compare, mcnemar, rank, rerender, significance
 
 
 def exact_two_sided(k, n):
@@ -47,3 +48,53 @@ def test_stopwatch_adds_up_the_pieces_of_a_section():
     with pytest.raises(RuntimeError), clock("b"):
         raise RuntimeError
     assert 0.1 <= clock.seconds["a"] < 0.5 and "b" in clock.seconds
+
+
+def masks(a_only, b_only, both=300, neither=100):
+    """Two (N,) correctness masks with the given discordant counts."""
+    a = np.array([True] * a_only + [False] * b_only + [True] * both + [False] * neither)
+    b = np.array([False] * a_only + [True] * b_only + [True] * both + [False] * neither)
+    return a, b
+
+
+def test_compare_calls_a_difference_a_gain_only_when_mcnemar_rejects_equality():
+    a, b = masks(2, 20)
+    gain = compare("A", "B", "validation accuracy", correct_a=a, correct_b=b)
+    assert gain["direction"] == "gain" and gain["significant"]
+    assert gain["difference"] == pytest.approx(18 / len(a))
+    assert gain["p_value"] == pytest.approx(exact_two_sided(2, 22))
+    assert gain["words"].startswith("a significant gain in validation accuracy of +0.043")
+    loss = compare("B", "A", "validation accuracy", correct_a=b, correct_b=a)
+    assert loss["direction"] == "loss" and loss["words"].startswith("a significant loss")
+    a, b = masks(9, 12)
+    flat = compare("A", "B", "test accuracy", correct_a=a, correct_b=b)
+    assert flat["direction"] == "no measurable change" and not flat["significant"]
+    assert flat["words"].startswith("no measurable change in test accuracy: +0.007")
+
+
+def test_compare_on_seed_means_uses_welchs_test_and_claims_nothing_from_one_seed():
+    apart = compare(
+        "A", "B", "validation accuracy", values_a=[0.80, 0.801, 0.799], values_b=[0.85, 0.851, 0.849]
+    )
+    assert apart["direction"] == "gain" and apart["test"] == "Welch t"
+    overlap = compare(
+        "A", "B", "validation accuracy", values_a=[0.80, 0.83, 0.77], values_b=[0.81, 0.78, 0.84]
+    )
+    assert overlap["direction"] == "no measurable change"
+    single = compare("A", "B", "validation accuracy", values_a=[0.80], values_b=[0.90])
+    assert single["direction"] == "no measurable change" and "one seed" in single["words"]
+
+
+def test_compare_refuses_mixed_or_missing_figures():
+    with pytest.raises(ValueError, match="give correct_a"):
+        compare("A", "B", "accuracy", correct_a=np.ones(3, bool), values_b=[0.5])
+
+
+def test_rank_takes_the_extreme_of_the_table_and_rerender_gives_the_stored_words():
+    table = {"augmentation": 0.040, "40 epochs": 0.044, "mixup": 0.006}
+    top = rank(table, "validation accuracy gain")
+    assert top["winner"] == "40 epochs" and "40 epochs (+0.044, of 3 rows)" in top["words"]
+    assert rank(table, "validation accuracy gain", "smallest")["winner"] == "mixup"
+    a, b = masks(2, 20)
+    for record in (top, compare("A", "B", "validation accuracy", correct_a=a, correct_b=b)):
+        assert rerender(json.loads(json.dumps(record))) == record["words"]
