@@ -14,7 +14,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON_BOOT ?= python3.11
+# The Python that creates .venv: PYTHON_BOOT if given, else the first of python3.11, python3.12, python3.13
+# that runs here (a pyenv shim of a version that is not selected does not). The project supports 3.11-3.13.
+SUPPORTED_PYTHONS := python3.11 python3.12 python3.13
+PYTHON_BOOT ?= $(firstword $(foreach p,$(SUPPORTED_PYTHONS),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
@@ -35,9 +38,12 @@ venv: $(STAMP)
 # Reinstalls only when a requirements file is newer than the stamp.
 $(STAMP): requirements.txt requirements-dev.txt
 	@if [ ! -x $(PY) ]; then \
-	    command -v $(PYTHON_BOOT) >/dev/null || { echo "$(PYTHON_BOOT) not found: install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv) or pass PYTHON_BOOT=/path/to/python3.11" >&2; exit 1; }; \
-	    $(PYTHON_BOOT) -m venv $(VENV) || { echo "could not create $(VENV): install the venv module (e.g. apt-get install python3.11-venv)" >&2; exit 1; }; \
+	    [ -n "$(PYTHON_BOOT)" ] || { echo "none of $(SUPPORTED_PYTHONS) found: install one (e.g. apt-get install python3.12 python3.12-venv) or pass PYTHON_BOOT=/path/to/python3.x" >&2; exit 1; }; \
+	    command -v $(PYTHON_BOOT) >/dev/null || { echo "$(PYTHON_BOOT) not found: install Python 3.11, 3.12 or 3.13, or pass PYTHON_BOOT=/path/to/python3.x" >&2; exit 1; }; \
+	    echo "Creating $(VENV) with $(PYTHON_BOOT) ($$($(PYTHON_BOOT) --version))"; \
+	    $(PYTHON_BOOT) -m venv $(VENV) || { echo "could not create $(VENV): install the venv module (e.g. apt-get install $(notdir $(PYTHON_BOOT))-venv)" >&2; exit 1; }; \
 	fi
+	@echo "Using $(PY): $$($(PY) --version)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

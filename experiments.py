@@ -62,6 +62,48 @@ def _without_docstrings(tree):
     return tree
 
 
+def canonical_dump(node):
+    """A text of a syntax tree that is the same for the same source under every Python the project
+    supports (3.11 to 3.13), where ``ast.dump`` is not: 3.12 adds ``type_params=[]`` to every function
+    and class and an empty ``Constant('')`` to an f-string's nested format spec, and 3.13 leaves out
+    empty fields. So a field that is absent, None or an empty list is left out, and the string pieces
+    of an f-string are joined with the empty ones dropped. Positions (line, column) never count."""
+    if isinstance(node, list):
+        return "[" + ", ".join(canonical_dump(item) for item in node) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    fields = []
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if isinstance(node, ast.JoinedStr) and name == "values":
+            value = _joined_pieces(value)
+        if value is None or (isinstance(value, list) and not value):
+            continue
+        fields.append(f"{name}={canonical_dump(value)}")
+    return f"{type(node).__name__}({', '.join(fields)})"
+
+
+def _joined_pieces(values):
+    """An f-string's pieces with adjacent string constants joined and empty ones dropped."""
+    pieces = []
+    for value in values:
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            if pieces and isinstance(pieces[-1], ast.Constant) and isinstance(pieces[-1].value, str):
+                pieces[-1] = ast.Constant(pieces[-1].value + value.value)
+            elif value.value:
+                pieces.append(ast.Constant(value.value))
+        else:
+            pieces.append(value)
+    return pieces
+
+
+def module_text(path):
+    """The canonical text (``canonical_dump``) of a module file's syntax tree, docstrings removed:
+    what the key counts of that file. Needs only the standard library (the cross-version test runs
+    it under every interpreter it finds)."""
+    return canonical_dump(_without_docstrings(ast.parse(Path(path).read_text())))
+
+
 _SOURCES = {}  # module name -> its source text, read once per process
 
 
@@ -168,7 +210,7 @@ def code_fingerprint(network_class):
         if label in parts:
             continue
         tree = _definition(obj)
-        parts[label] = ast.dump(tree, include_attributes=False)
+        parts[label] = canonical_dump(tree)
         if inspect.isclass(obj):
             parts[label + " bases"] = ",".join(b.__qualname__ for b in obj.__mro__[1:])
             queue.extend(b for b in obj.__mro__[1:] if _is_project(b))

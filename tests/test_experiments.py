@@ -353,3 +353,76 @@ def test_restamp_probes_cover_every_option_the_committed_entries_use():
         if "init_from_sha256" in config:
             used.add("init_from")
         assert used <= probed[config["class"]], (path.name, used - probed[config["class"]])
+
+
+# --------------------------------------------------------------------------------------------------
+# The key across Python versions
+# --------------------------------------------------------------------------------------------------
+MODULE_TEXTS = """
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import experiments
+names = sys.argv[2:]
+print(json.dumps({n: hashlib.sha256(experiments.module_text(n).encode()).hexdigest() for n in names}))
+"""
+
+
+def python_interpreters():
+    """{"3.x": path} of every CPython 3.11+ found here: python3.11 ... python3.13 on the PATH that
+    really run (a pyenv shim of a version that is not selected does not), then pyenv's versions."""
+    import glob
+    import shutil
+
+    candidates = [shutil.which(f"python3.{minor}") for minor in (11, 12, 13)]
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(glob.glob(f"{root}/versions/3.1[1-9]*/bin/python3"))
+    found = {}
+    for path in filter(None, candidates):
+        proc = subprocess.run(
+            [path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
+        version = proc.stdout.strip()
+        if proc.returncode == 0 and version >= "3.11" and version not in found:
+            found[version] = path
+    return found
+
+
+def test_the_key_text_of_the_code_is_the_same_under_every_python_found():
+    interpreters = python_interpreters()
+    if len(interpreters) < 2:
+        pytest.skip(
+            f"only one Python 3.11+ interpreter found ({', '.join(interpreters)}): nothing to compare"
+        )
+    texts = {}
+    for version, path in interpreters.items():
+        proc = subprocess.run(
+            [path, "-c", MODULE_TEXTS, str(REPO_ROOT), *LIBRARY],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        assert proc.returncode == 0, f"Python {version} ({path}): {proc.stderr[-2000:]}"
+        texts[version] = json.loads(proc.stdout)
+    first = next(iter(texts))
+    differ = {
+        version: [name for name in LIBRARY if text[name] != texts[first][name]]
+        for version, text in texts.items()
+    }
+    assert all(not names for names in differ.values()), f"differs from Python {first}: {differ}"
+
+
+def test_the_canonical_text_leaves_out_what_only_a_python_version_spells():
+    import ast
+
+    from experiments import canonical_dump
+
+    tree = ast.parse('def f(x: int, w=3):\n    return f"{x:>{w}} a" "b"\n')
+    function = tree.body[0]
+    with_empty = ast.parse('def f(x: int, w=3):\n    return f"{x:>{w}} a" "b"\n').body[0]
+    with_empty.type_params = []  # what 3.12 adds
+    spec = with_empty.body[0].value.values[0].format_spec
+    spec.values.append(ast.Constant(""))  # what 3.12 adds to a nested format spec
+    assert canonical_dump(function) == canonical_dump(with_empty)
+    assert "type_params" not in canonical_dump(function) and "lineno" not in canonical_dump(function)
+    changed = ast.parse('def f(x: int, w=4):\n    return f"{x:>{w}} a" "b"\n').body[0]
+    assert canonical_dump(changed) != canonical_dump(function)
