@@ -218,6 +218,12 @@ def _attacked(model, x, y, keep, settings, k, batch_size):
     return masks, pgd_images
 
 
+def restart_step(eps, eta, k):
+    """The PGD step of the restarts and of the eps curve: ``max(eta, 2.5 * eps / k)``, so that k steps
+    can move a pixel 2.5 eps, from any start across the ball (width 2 eps) with room to spare."""
+    return max(eta, 2.5 * eps / k)
+
+
 def evaluate_robustness(model, x, y, eps, k, eta, strong_k=None, restarts=0, batch_size=500):
     """Per-image robustness of ``model`` on (x, y) under every attack of Questions 3.8 and 3.9.
 
@@ -230,9 +236,10 @@ def evaluate_robustness(model, x, y, eps, k, eta, strong_k=None, restarts=0, bat
       gradient at the clean image (see ``_attacked``);
     - ``pgd_strong`` (PGD-``strong_k``, if given, > k): continues PGD-k's walk for strong_k - k more
       steps (PGD is a Markov chain from x, so this is PGD-strong_k from x);
-    - ``pgd_random_restarts`` (if ``restarts`` > 0): PGD-k from a uniform random point of the ball,
-      ``restarts`` times (seeds 0, 1, ...); robust only if every restart fails, so restart r only
-      runs on the images that survived restarts 0..r-1. The random starts are drawn for every image
+    - ``pgd_restarts`` (if ``restarts`` > 0): PGD-k with the step ``restart_step(eps, eta, k)``, large
+      enough for k steps to cross the ball, from the clean image and then from ``restarts`` uniform
+      random points of the ball (seeds 0, 1, ...); robust only if every start fails, so start r only
+      runs on the images that survived starts 0..r-1. The random starts are drawn for every image
       of each batch of ``batch_size`` images, as a plain loop over the batches would draw them;
     - ``worst_case``: robust under every attack above (the AND of their masks; no extra work).
 
@@ -254,38 +261,40 @@ def evaluate_robustness(model, x, y, eps, k, eta, strong_k=None, restarts=0, bat
             strong[idx] = np.argmax(model(x_adv, training=False), axis=1) == y[idx]
         masks["pgd_strong"] = strong
     if restarts:
-        survived = masks["clean"].copy()
-        for seed in range(restarts):
+        step, survived = restart_step(eps, eta, k), masks["clean"].copy()
+        for seed in [None, *range(restarts)]:  # None: the clean image
             for start in range(0, len(x), batch_size):
                 xb = tf.convert_to_tensor(x[start : start + batch_size], tf.float32)
-                noise = tf.random.uniform(tf.shape(xb), -eps, eps, seed=seed)
+                if seed is not None:
+                    xb = xb + tf.random.uniform(tf.shape(xb), -eps, eps, seed=seed)
                 local = np.flatnonzero(survived[start : start + batch_size])
                 if len(local) == 0:
                     continue
                 idx = start + local
-                x_start = tf.gather(xb + noise, local)
-                x_adv = pgd_attack(model, x[idx], y[idx], eps=eps, k=k, eta=eta, x_start=x_start)
+                x_adv = pgd_attack(
+                    model, x[idx], y[idx], eps=eps, k=k, eta=step, x_start=tf.gather(xb, local)
+                )
                 survived[idx] = np.argmax(model(x_adv, training=False), axis=1) == y[idx]
-        masks["pgd_random_restarts"] = survived
+        masks["pgd_restarts"] = survived
     masks["worst_case"] = np.logical_and.reduce(list(masks.values()))
     return {name: float(mask.mean()) for name, mask in masks.items()}, masks
 
 
 def eps_curve(model, x, y, eps_values, k, eta, batch_size=500, clean=None):
     """Accuracy under FGSM, PGD-k and MIM-k for each eps in ``eps_values``, as a list of dicts
-    ``{eps, fgsm, pgd, mim}``. The step is ``max(eta, 2.5 * eps / k)``, so that k steps can reach
+    ``{eps, fgsm, pgd, mim}``. The step is ``restart_step(eps, eta, k)``, so that k steps can reach
     the border of a larger ball. Robust means right on the clean and the attacked image, as in
     ``evaluate_robustness``; at eps = 0 every attack returns x, so the accuracy is the clean one.
     ``clean``: the (N,) clean-correct mask, if already computed."""
     y = np.asarray(y)
     if clean is None:
         clean = robust_correct(model, x, y, None, batch_size)
-    settings = [(eps, max(eta, 2.5 * eps / k)) for eps in eps_values if eps > 0]
+    settings = [(eps, restart_step(eps, eta, k)) for eps in eps_values if eps > 0]
     attacked, _ = _attacked(model, x, y, clean, settings, k, batch_size)
     rows = []
     for eps in eps_values:
         masks = (
-            attacked[(eps, max(eta, 2.5 * eps / k))] if eps > 0 else dict(fgsm=clean, pgd=clean, mim=clean)
+            attacked[(eps, restart_step(eps, eta, k))] if eps > 0 else dict(fgsm=clean, pgd=clean, mim=clean)
         )
         rows.append(dict(eps=eps, **{name: float(mask.mean()) for name, mask in masks.items()}))
     return rows

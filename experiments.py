@@ -312,13 +312,16 @@ class ExperimentCache:
 
     ``folder``: the project (or an output) folder, holding ``models/`` and ``results/cache/``;
     ``data_manager``: the data every network of this cache trains on (``X_train``, ``y_train``,
-    ``X_valid``, ``y_valid``); ``force``: retrain even a current entry.
+    ``X_valid``, ``y_valid``); ``force``: retrain even a current entry; ``quiet``: say nothing when
+    an entry is reused (``reused`` lists them, for one summary line).
     """
 
-    def __init__(self, folder, data_manager, force=False):
+    def __init__(self, folder, data_manager, force=False, quiet=False):
         self.folder = Path(folder)
         self.data_manager = data_manager
         self.force = force
+        self.quiet = quiet
+        self.reused, self.trained = [], []
 
     def model_path(self, name):
         return self.folder / "models" / f"{name}.h5"
@@ -340,9 +343,10 @@ class ExperimentCache:
             network.load(self.model_path(name))
             network.history, network.best_epoch = record["history"], record["best_epoch"]
             run = self._run(name, record, reused=True)
-            print(
-                f"Reused {name}: {run.epochs_run} epochs, trained in {run.seconds:.0f} s ({run.model_path})."
-            )
+            self.reused.append(name)
+            if not self.quiet:
+                seconds = f"{run.seconds:.0f} s"
+                print(f"Reused {name}: {run.epochs_run} epochs, trained in {seconds} ({run.model_path}).")
             return run
         elif record:
             reasons = stale_reasons(record, parts) or ["model file"]
@@ -364,6 +368,7 @@ class ExperimentCache:
             log=log.getvalue(),
         )
         write_json(record, self.record_path(name))
+        self.trained.append(name)
         return self._run(name, record, reused=False)
 
     def entries(self):

@@ -74,21 +74,29 @@ def _import_tensorflow_quietly():
     tf.get_logger().setLevel("ERROR")
 
 
-def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=None):
+def plot_histories(
+    histories, title, metrics=("accuracy", "loss"), best_epochs=None, colors=None, train=True, panel=(6.5, 4)
+):
     """Training curves of one or more runs, side by side per metric: train solid, validation dashed.
 
     ``histories``: {label: Keras-style history dict with ``metric`` and ``val_<metric>`` lists};
-    ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line.
+    ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line;
+    ``colors``: {label: matplotlib colour} (one colour per technique across a notebook; default: the
+    style's cycle); ``train=False`` draws the validation curves alone; ``panel``: (width, height) in
+    inches of each metric's panel.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (label, history), color in zip(histories.items(), colors * len(histories)):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(panel[0] * len(metrics), panel[1]), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: (colors or {}).get(label, cycle[i % len(cycle)]) for i, label in enumerate(histories)}
+    for label, history in histories.items():
+        color = colors[label]
         epochs = range(1, len(history["loss"]) + 1)
         for ax, metric in zip(axes[0], metrics):
-            ax.plot(epochs, history[metric], color=color, label=f"{label} train")
+            if train:
+                ax.plot(epochs, history[metric], color=color, label=f"{label} train")
             ax.plot(epochs, history[f"val_{metric}"], color=color, ls="--", label=f"{label} valid")
             if best_epochs and best_epochs.get(label):
                 ax.axvline(best_epochs[label], color=color, ls=":", lw=1)
@@ -100,6 +108,21 @@ def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=N
         ax.legend(fontsize=8)
     plt.tight_layout()
     plt.show()
+
+
+def answer_slot():
+    """The bold answer line under a question heading, shown before the evidence that computes it: call
+    this in a hidden cell right under the heading, then ``slot.update(text)`` once the numbers exist
+    (the display is replaced in place, also in a notebook executed by papermill). Returns the slot."""
+    from IPython.display import Markdown, display
+
+    handle = display(Markdown("*(the answer appears when the cells below have run)*"), display_id=True)
+
+    class Slot:
+        def update(self, text):
+            handle.update(Markdown(f"**{text}**"))
+
+    return Slot()
 
 
 class Stopwatch:

@@ -558,7 +558,7 @@ def test_evaluation_equals_attacking_every_image(clean_net, report):
 def test_worst_case_is_the_and_of_every_attack_and_at_most_each(report):
     _, _, accuracy, masks = report
     attacks_run = [name for name in masks if name != "worst_case"]
-    assert attacks_run == ["clean", "fgsm", "pgd", "mim", "pgd_strong", "pgd_random_restarts"]
+    assert attacks_run == ["clean", "fgsm", "pgd", "mim", "pgd_strong", "pgd_restarts"]
     np.testing.assert_array_equal(masks["worst_case"], np.logical_and.reduce([masks[n] for n in attacks_run]))
     assert all(accuracy["worst_case"] <= accuracy[name] for name in attacks_run)
     assert accuracy == {name: float(mask.mean()) for name, mask in masks.items()}
@@ -572,30 +572,33 @@ def test_more_restarts_never_raise_robust_accuracy(clean_net, report):
         accuracy, _ = attacks.evaluate_robustness(
             clean_net.model, x, y, eps=EPS, k=5, eta=ETA, restarts=restarts, batch_size=50
         )
-        assert accuracy["pgd_random_restarts"] <= previous
-        previous = accuracy["pgd_random_restarts"]
+        assert accuracy["pgd_restarts"] <= previous
+        previous = accuracy["pgd_restarts"]
 
 
-def test_restarts_equal_independent_random_start_attacks(clean_net, report):
-    """Restart r attacks only the survivors of restarts 0..r-1, from the random start that a plain
-    loop over all images would draw: the survivors are those of that plain loop."""
+def test_restarts_equal_independent_attacks_from_the_clean_image_and_random_starts(clean_net, report):
+    """Start r attacks only the survivors of starts 0..r-1, from the clean image first and then from the
+    random start that a plain loop over all images would draw, with the step that crosses the ball:
+    the survivors are those of that plain loop."""
     x, y, _, masks = report
+    step = attacks.restart_step(EPS, ETA, 5)
+    assert step == pytest.approx(2.5 * EPS / 5) and 5 * step > 2 * EPS
     tf.random.set_seed(0)
     survived = attacks.robust_correct(clean_net.model, x, y, None)
-    for seed in range(3):
+    for seed in [None, 0, 1, 2]:
+        options = dict(random_start=True, seed=seed) if seed is not None else {}
         survived &= attacks.robust_correct(
-            clean_net.model,
-            x,
-            y,
-            attacks.pgd_attack,
-            batch_size=50,
-            eps=EPS,
-            k=5,
-            eta=ETA,
-            random_start=True,
-            seed=seed,
+            clean_net.model, x, y, attacks.pgd_attack, batch_size=50, eps=EPS, k=5, eta=step, **options
         )
-    np.testing.assert_array_equal(masks["pgd_random_restarts"], survived)
+    np.testing.assert_array_equal(masks["pgd_restarts"], survived)
+
+
+def test_restarts_are_never_weaker_than_pgd_from_the_clean_image_with_their_step(clean_net, report):
+    x, y, _, masks = report
+    clean_start = attacks.robust_correct(
+        clean_net.model, x, y, attacks.pgd_attack, eps=EPS, k=5, eta=attacks.restart_step(EPS, ETA, 5)
+    )
+    assert not np.any(masks["pgd_restarts"] & ~clean_start)
 
 
 def test_eps_curve_starts_at_the_clean_accuracy_and_falls(clean_net, report):

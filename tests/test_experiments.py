@@ -180,6 +180,10 @@ def test_second_fit_reuses_the_entry(tmp_path, capsys):
     assert list(cache.entries()) == ["tiny"]
     assert oct((tmp_path / "results" / "cache" / "tiny.json").stat().st_mode & 0o777) == "0o644"
     assert oct(first.model_path.stat().st_mode & 0o777) == "0o644"
+    quiet = ExperimentCache(tmp_path, tiny_data(), quiet=True)
+    quiet.fit(tiny_net(), "tiny")
+    assert capsys.readouterr().out == "" and quiet.reused == ["tiny"] and quiet.trained == []
+    assert cache.trained == ["tiny"] and cache.reused == ["tiny"]
 
 
 @pytest.mark.slow
