@@ -101,10 +101,11 @@ check-student-id:
 	    ''|*[!0-9]*) echo "error: STUDENT_ID must be your numeric student ID, got '$(STUDENT_ID)' (set it in student.json or pass STUDENT_ID=12345678)" >&2; exit 1;; \
 	esac
 
-# The zip the assignment asks for: the three notebooks, their HTML exports (made afresh by export_html.sh,
-# which refuses a broken notebook), models.py, models/*.h5 and every local image the notebooks' Markdown
-# shows. Refuses a missing part or an image outside the project before exporting anything
-# (tools/make_submission.py).
+# The zip the assignment asks for, ready to run as submitted: the three notebooks and their HTML exports
+# (made afresh by export_html.sh, which refuses a broken notebook), every module they import, student.json,
+# requirements.txt, results/ (figures and every cache record), every model those name, the images the
+# notebooks show and a README saying how to run it. Derived from the notebooks, records and results; refuses
+# a missing file before exporting anything, and prints the zip's size (tools/make_submission.py).
 submission: check-student-id venv
 	@PYTHON=$(PY) $(PY) tools/make_submission.py "$(SUBMISSION_ZIP)" $(NOTEBOOKS)
 

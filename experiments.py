@@ -333,13 +333,21 @@ class ExperimentCache:
         """Builds and trains ``network`` (``build_cnn`` then ``fit``) and saves it as entry ``name``,
         or, when the entry is current, loads the saved network and its history into it instead.
         Prints one line saying which. Returns the entry's ``Run``. ``callbacks`` are passed to
-        ``network.fit`` and are not part of the key: they must only watch (progress, timing)."""
+        ``network.fit`` and are not part of the key: they must only watch (progress, timing). A current
+        entry whose model file is missing is a FileNotFoundError naming the file (unless ``force``), not a
+        silent retraining."""
         parts = key_parts(network, self.data_manager, batch_size, num_epochs)
         key = key_of(parts)
         record = self._record(name)
         if self.force:
             print(f"Training {name} (force=True).")
-        elif record and record.get("key") == key and self.model_path(name).exists():
+        elif record and record.get("key") == key:
+            if not self.model_path(name).exists():
+                raise FileNotFoundError(
+                    f"{name}: the cache entry {self.record_path(name)} is current but its model "
+                    f"{self.model_path(name)} is missing; put the model file back (e.g. from the project's "
+                    "models/ folder) or retrain with force=True (FORCE_RETRAIN = True in the notebook)."
+                )
             network.load(self.model_path(name))
             network.history, network.best_epoch = record["history"], record["best_epoch"]
             run = self._run(name, record, reused=True)
@@ -349,7 +357,7 @@ class ExperimentCache:
                 print(f"Reused {name}: {run.epochs_run} epochs, trained in {seconds} ({run.model_path}).")
             return run
         elif record:
-            reasons = stale_reasons(record, parts) or ["model file"]
+            reasons = stale_reasons(record, parts) or ["key"]
             print(f"Retraining {name}: its {', '.join(reasons)} changed.")
         network.build_cnn()
         log = _Tee(sys.stdout)

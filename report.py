@@ -24,16 +24,17 @@ def start_notebook(profile, output_dir="", student_id=None):
     subsets, written into runs/quick/), silences TensorFlow's start-up logging, creates the output
     folders and shows the Student Information block from student.json (``student_id`` overrides the
     file's). Returns a namespace with ``out``, ``results`` and ``models`` (Paths) and ``student``
-    (dict). Raises ValueError for an unknown profile.
+    (dict). Raises ValueError for an unknown profile and FileNotFoundError (``read_student``) for a
+    missing student.json, before the slow TensorFlow import.
     """
     if profile not in PROFILES:
         raise ValueError(f"PROFILE={profile!r}; allowed: {', '.join(map(repr, PROFILES))}.")
+    student = read_student()
     _import_tensorflow_quietly()
     out = Path(output_dir or ("." if profile == "full" else "runs/quick"))
-    paths = SimpleNamespace(out=out, results=out / "results", models=out / "models")
+    paths = SimpleNamespace(out=out, results=out / "results", models=out / "models", student=student)
     for folder in (paths.results, paths.models):
         folder.mkdir(parents=True, exist_ok=True)
-    paths.student = json.loads(Path("student.json").read_text())
     if student_id is not None:
         paths.student["student_id"] = student_id
     from IPython.display import Markdown, display
@@ -50,6 +51,20 @@ def start_notebook(profile, output_dir="", student_id=None):
         )
     )
     return paths
+
+
+def read_student(path="student.json"):
+    """The student's details (surname, first_name, student_id, email, tutorial_time) from ``path``.
+    Raises FileNotFoundError naming the file and what to do when it is missing (the notebooks run
+    from the project folder, which holds it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found in {Path.cwd()}: run the notebook from the folder that holds student.json "
+            "(the project or the unzipped submission), or create it with the keys surname, first_name, "
+            "student_id, email and tutorial_time."
+        )
+    return json.loads(path.read_text())
 
 
 def _import_tensorflow_quietly():

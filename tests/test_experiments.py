@@ -219,6 +219,20 @@ def test_force_retrains_a_current_entry(tmp_path):
     assert not ExperimentCache(tmp_path, tiny_data(), force=True).fit(tiny_net(), "tiny").reused
 
 
+def test_a_current_entry_without_its_model_file_is_an_error_naming_it(tmp_path, capsys):
+    ExperimentCache(tmp_path, tiny_data()).fit(tiny_net(), "grid/tiny")
+    model = tmp_path / "models" / "grid" / "tiny.h5"
+    model.unlink()
+    capsys.readouterr()
+    with pytest.raises(FileNotFoundError) as info:
+        ExperimentCache(tmp_path, tiny_data()).fit(tiny_net(), "grid/tiny")
+    message = str(info.value)
+    assert str(model) in message and "force=True" in message and "\n" not in message
+    assert not model.exists() and "Epoch" not in capsys.readouterr().out  # nothing trained
+    assert not ExperimentCache(tmp_path, tiny_data(), force=True).fit(tiny_net(), "grid/tiny").reused
+    assert model.is_file()
+
+
 def test_check_reports_current_and_stale_entries(tmp_path):
     data = tiny_data()
     cache = ExperimentCache(tmp_path, data)

@@ -1,6 +1,7 @@
 """The foundation: data provisioning, the Animals check, profile isolation, HTML export, the submission zip
 and the README's results table."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -253,8 +254,9 @@ def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the project's commands, with three small executed notebooks, models.py and a module it
-    imports, a model, a figure."""
+    """A copy of the project's commands, with three small executed notebooks (Part 3 imports a module),
+    models.py and a module it imports, a module nothing imports, results naming a model, a cache entry
+    (in a sub-folder, trained from the first model) and its model, a model nothing names, a figure."""
     root = tmp_path / "project"
     root.mkdir()
     for name in ("Makefile", "export_html.sh", "requirements.txt", "requirements-dev.txt"):
@@ -267,6 +269,18 @@ def project(tmp_path):
     (root / "models").mkdir()
     (root / "models" / ".gitkeep").write_text("")
     (root / "models" / "Part3_Sec3_4_best.h5").write_bytes(b"model")
+    (root / "models" / "grid").mkdir()
+    (root / "models" / "grid" / "Part3_rho0.05.h5").write_bytes(b"entry")
+    (root / "models" / "unreported.h5").write_bytes(b"unreported")
+    (root / "helpers.py").write_text("VALUE = 2\n")
+    (root / "unused.py").write_text("VALUE = 3\n")
+    (root / "results" / "cache" / "grid").mkdir(parents=True)
+    (root / "results" / "part3.json").write_text(
+        json.dumps({"best": {"model": "models/Part3_Sec3_4_best.h5"}})
+    )
+    sha = hashlib.sha256(b"model").hexdigest()
+    record = {"key_parts": {"config": {"init_from_sha256": sha}}}
+    (root / "results" / "cache" / "grid" / "Part3_rho0.05.json").write_text(json.dumps(record))
     (root / "figures").mkdir()
     (root / "figures" / "network.png").write_bytes(b"png")
     for n in (1, 2, 3):
@@ -276,7 +290,7 @@ def project(tmp_path):
                 new_markdown_cell(
                     f"# Part {n}\n![network](figures/network.png) ![remote](https://example.org/a.png)"
                 ),
-                executed(f"part = {n}", 1),
+                executed(f"part = {n}" if n < 3 else "%matplotlib inline\nimport helpers", 1),
             ],
         )
     return root
@@ -292,12 +306,39 @@ def test_submission_zip_holds_what_the_assignment_asks_for(project, tmp_path):
     archive = project / "424242_assignment01_solution.zip"
     kinds = ("solution.ipynb", "output.html")
     expected = {f"Assignment01_Part{n}_{kind}" for n in (1, 2, 3) for kind in kinds}
-    expected |= {"models.py", "attacks.py", "models/Part3_Sec3_4_best.h5", "figures/network.png"}
+    expected |= {"models.py", "attacks.py", "helpers.py", "student.json", "requirements.txt"}
+    expected |= {"results/part3.json", "results/cache/grid/Part3_rho0.05.json", "figures/network.png"}
+    expected |= {"models/Part3_Sec3_4_best.h5", "models/grid/Part3_rho0.05.h5"}
     with zipfile.ZipFile(archive) as zf:
-        assert set(zf.namelist()) == expected
+        assert set(zf.namelist()) == expected | {"README.md"}
         zf.extractall(tmp_path / "unzipped")
     for name in expected:
         assert (tmp_path / "unzipped" / name).read_bytes() == (project / name).read_bytes()
+    assert f"{len(expected) + 1} files, " in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "remove, named",
+    [
+        ("models/grid/Part3_rho0.05.h5", "models/grid/Part3_rho0.05.h5"),
+        ("models/Part3_Sec3_4_best.h5", "models/Part3_Sec3_4_best.h5"),
+        ("student.json", "student.json"),
+        ("helpers.py", "helpers.py"),
+    ],
+    ids=["cache-entry-model", "reported-model", "student-file", "imported-module"],
+)
+def test_submission_refuses_a_file_the_notebooks_need(project, remove, named):
+    (project / remove).unlink()
+    proc = make_submission(project, "STUDENT_ID=12345")
+    assert proc.returncode != 0 and named in proc.stderr
+    assert not list(project.glob("*.zip")) and not list(project.glob("*.html"))
+
+
+def test_submission_refuses_a_cache_entry_whose_starting_model_is_gone(project):
+    (project / "models" / "Part3_Sec3_4_best.h5").write_bytes(b"retrained")
+    proc = make_submission(project, "STUDENT_ID=12345")
+    assert proc.returncode != 0 and "results/cache/grid/Part3_rho0.05.json was trained from" in proc.stderr
+    assert not list(project.glob("*.zip"))
 
 
 def test_submission_refuses_a_non_numeric_student_id(project):

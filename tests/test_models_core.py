@@ -197,6 +197,7 @@ def test_missing_dataset_folder_names_path_and_env_var(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         models.create_label_folder_dict(str(missing))
     assert str(missing) in str(info.value) and "ANIMALS_DIR" in str(info.value)
+    assert "\n" not in str(info.value)  # one line under the notebook's cell
 
 
 def test_folder_without_class_folders(tmp_path):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from report import Stopwatch, compare, mcnemar, rank, rerender, significance
+from report import Stopwatch, compare, mcnemar, rank, rerender, significance, start_notebook
 
 
 def exact_two_sided(k, n):
@@ -98,3 +98,13 @@ def test_rank_takes_the_extreme_of_the_table_and_rerender_gives_the_stored_words
     a, b = masks(2, 20)
     for record in (top, compare("A", "B", "validation accuracy", correct_a=a, correct_b=b)):
         assert rerender(json.loads(json.dumps(record))) == record["words"]
+
+
+def test_start_notebook_without_student_json_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        start_notebook("full")
+    message = str(info.value)
+    assert "student.json" in message and str(tmp_path) in message and "create it" in message
+    assert "\n" not in message
+    assert not (tmp_path / "results").exists()  # refused before anything is written
