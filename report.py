@@ -125,6 +125,22 @@ def plot_histories(
     plt.show()
 
 
+def source(obj):
+    """The source of a function or class as the notebooks show it: ``inspect.getsource`` without the
+    docstring (which stays in the module), dedented. The code itself, comments included, is unchanged."""
+    import ast
+    import inspect
+    import textwrap
+
+    text = textwrap.dedent(inspect.getsource(obj))
+    node = ast.parse(text).body[0]
+    if ast.get_docstring(node, clean=False) is not None:
+        lines = text.splitlines(keepends=True)
+        del lines[node.body[0].lineno - 1 : node.body[0].end_lineno]
+        text = "".join(lines)
+    return text
+
+
 def answer_slot():
     """The bold answer line under a question heading, shown before the evidence that computes it: call
     this in a hidden cell right under the heading, then ``slot.update(text)`` once the numbers exist

@@ -108,3 +108,17 @@ def test_start_notebook_without_student_json_says_what_to_do(tmp_path, monkeypat
     assert "student.json" in message and str(tmp_path) in message and "create it" in message
     assert "\n" not in message
     assert not (tmp_path / "results").exists()  # refused before anything is written
+
+
+def documented(x):
+    """A docstring
+    on two lines."""
+    # a comment that stays
+    return x + 1
+
+
+def test_source_leaves_out_the_docstring_and_nothing_else():
+    from report import source
+
+    assert source(documented) == "def documented(x):\n    # a comment that stays\n    return x + 1\n"
+    assert source(source).startswith("def source(obj):\n    import ast")
