@@ -52,6 +52,16 @@ def start_notebook(profile, output_dir="", student_id=None):
     return paths
 
 
+def answer_slot():
+    """Reserve the place of a question's bold answer line right under its heading, for an answer computed
+    further down: shows a pending note until the returned display handle's ``update(Markdown(...))``
+    replaces it (papermill writes the update into this cell's saved output, so the exported report shows
+    the answer first and its evidence after it)."""
+    from IPython.display import Markdown, display
+
+    return display(Markdown("*(answer pending: computed further down)*"), display_id=True)
+
+
 def _import_tensorflow_quietly():
     """Imports TensorFlow and probes its devices with the process's stderr (file descriptor 2) sent
     to /dev/null: its C++ start-up lines are written before any log-level setting applies
@@ -74,16 +84,17 @@ def _import_tensorflow_quietly():
     tf.get_logger().setLevel("ERROR")
 
 
-def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=None):
+def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=None, height=4):
     """Training curves of one or more runs, side by side per metric: train solid, validation dashed.
 
     ``histories``: {label: Keras-style history dict with ``metric`` and ``val_<metric>`` lists};
-    ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line.
+    ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line;
+    ``height``: of the figure, in inches.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), height), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, history), color in zip(histories.items(), colors * len(histories)):
         epochs = range(1, len(history["loss"]) + 1)
