@@ -84,17 +84,17 @@ def _import_tensorflow_quietly():
     tf.get_logger().setLevel("ERROR")
 
 
-def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=None, height=4):
+def plot_histories(histories, title, metrics=("accuracy", "loss"), best_epochs=None, width=6.5, height=4):
     """Training curves of one or more runs, side by side per metric: train solid, validation dashed.
 
     ``histories``: {label: Keras-style history dict with ``metric`` and ``val_<metric>`` lists};
     ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line;
-    ``height``: of the figure, in inches.
+    ``width`` (of each panel) and ``height``: in inches.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), height), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), height), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, history), color in zip(histories.items(), colors * len(histories)):
         epochs = range(1, len(history["loss"]) + 1)
