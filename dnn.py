@@ -1,6 +1,6 @@
 """The Part 2 study's training helpers: the feed-forward network of Questions 2.4 to 2.6, one training run
 with a stated protocol, repeats over seeds, the measures the notebook reports (standard error of an
-accuracy, confusion matrix, calibration) and their plots.
+accuracy, calibration) and their plots.
 
 Arrays: images are (n, 784) float32 pixels in [0, 1]; labels are (n,) integers in 0..9 (one-hot (n, 10)
 where a loss needs them). The network outputs logits (n, 10): the softmax of the architecture's last layer
@@ -126,21 +126,38 @@ def predict_proba(model, x):
     return keras.ops.convert_to_numpy(keras.ops.softmax(model.predict(x, verbose=0), axis=-1))
 
 
+def layer_table(model):
+    """One row per layer of a built network: ``layer``, ``units``, ``activation`` and ``parameters`` (its
+    trainable weights and biases; the optimizer's slots are not the network's parameters)."""
+    return pd.DataFrame(
+        [
+            {
+                "layer": layer.name,
+                "units": layer.units,
+                "activation": keras.activations.serialize(layer.activation),
+                "parameters": int(sum(np.prod(w.shape) for w in layer.trainable_weights)),
+            }
+            for layer in model.layers
+        ]
+    ).set_index("layer")
+
+
 class EpochBar(keras.callbacks.Callback):
-    """A progress bar over the epochs of one run, redrawn in place (one line per run in a saved notebook)."""
+    """A progress bar over the epochs of one run, redrawn in place while the run trains and emptied when it
+    ends, so that the saved notebook keeps no bars (the results tables say what the runs reached)."""
 
     def __init__(self, desc, epochs):
         super().__init__()
         self.desc, self.epochs = desc, epochs
 
-    def _draw(self, done, logs=None, total=None):
+    def _draw(self, done, logs=None):
         from tqdm import tqdm
 
         shown = {"loss": "loss", "accuracy": "acc", "val_accuracy": "val_acc"}
         postfix = ", ".join(f"{shown[k]}={v:.4f}" for k, v in (logs or {}).items() if k in shown)
         meter = tqdm.format_meter(
             done,
-            total or self.epochs,
+            self.epochs,
             time.time() - self.start,
             ncols=125,
             prefix=self.desc,
@@ -152,16 +169,14 @@ class EpochBar(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         from IPython.display import display
 
-        self.start, self.done, self.logs = time.time(), 0, None
+        self.start = time.time()
         self.handle = display(self._draw(0), raw=True, display_id=True)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.done, self.logs = epoch + 1, logs
-        self.handle.update(self._draw(self.done, logs), raw=True)
+        self.handle.update(self._draw(epoch + 1, logs), raw=True)
 
     def on_train_end(self, logs=None):
-        if self.done < self.epochs:  # stopped early: the bar ends full at the last epoch trained
-            self.handle.update(self._draw(self.done, self.logs, total=self.done), raw=True)
+        self.handle.update({"text/plain": ""}, raw=True)
 
 
 def make_optimizer(protocol, steps_per_epoch):
@@ -243,27 +258,28 @@ def mean_std(summary, key):
     return f"{summary[key]:.4f} ± {summary[key.replace('_acc', '_std')]:.4f}"
 
 
+def seed_table(runs, index):
+    """One row per entry of ``runs`` ({label: [Run, ...] differing only in the seed}), the index named
+    ``index``: validation and test accuracy (mean ± std over the seeds), the validation accuracy of each
+    seed and the epoch each seed's kept weights come from."""
+    rows = []
+    for label, seed_runs in runs.items():
+        summary = seed_summary(seed_runs)
+        rows.append(
+            {
+                index: label,
+                "validation (mean ± std)": mean_std(summary, "val_acc"),
+                "test (mean ± std)": mean_std(summary, "test_acc"),
+                "validation per seed": " / ".join(f"{r.val_acc:.4f}" for r in seed_runs),
+                "kept epoch per seed": " / ".join(str(r.best_epoch) for r in seed_runs),
+            }
+        )
+    return pd.DataFrame(rows).set_index(index)
+
+
 def accuracy_standard_error(accuracy, n):
     """Standard error sqrt(p (1 - p) / n) of an accuracy ``p`` in [0, 1] measured on ``n`` images."""
     return math.sqrt(accuracy * (1.0 - accuracy) / n)
-
-
-def confusion_matrix(labels, predictions):
-    """(10, 10) counts: row = true class, column = predicted class; ``labels``, ``predictions`` (n,) ints."""
-    counts = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
-    np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
-    return counts
-
-
-def most_confused_pairs(counts, k=2):
-    """The ``k`` unordered class pairs (i, j), i < j, with the most errors either way:
-    a list of (i, j, counts[i, j] + counts[j, i]), most errors first."""
-    pairs = [
-        (i, j, int(counts[i, j] + counts[j, i]))
-        for i in range(len(counts))
-        for j in range(i + 1, len(counts))
-    ]
-    return sorted(pairs, key=lambda pair: -pair[2])[:k]
 
 
 def reliability(probs, labels, bins=15):
@@ -309,25 +325,28 @@ def calibration(probs, labels, bins=15):
 
 
 def plot_grid_heatmap(grid, title):
-    """Validation accuracy of the grid as a heatmap: rows n1-n2, columns the activation.
-    ``grid``: a DataFrame with columns n1, n2, act, val_acc."""
+    """Validation accuracy of the grid as a heatmap: rows n1-n2, columns the activation. Each cell shows
+    its validation accuracy and, below it, its test accuracy, in black or white, whichever stands out on
+    that cell's colour. ``grid``: a DataFrame with columns n1, n2, act, val_acc, test_acc."""
     import matplotlib.pyplot as plt
 
-    sizes = grid["n1"].astype(str) + "-" + grid["n2"].astype(str)
-    heat = grid.assign(sizes=sizes).pivot(index="sizes", columns="act", values="val_acc")[list(ACTIVATIONS)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    grid = grid.assign(sizes=grid["n1"].astype(str) + "-" + grid["n2"].astype(str))
+    acts = [act for act in ACTIVATIONS if act in set(grid["act"])]
+    heat, test = (
+        grid.pivot(index="sizes", columns="act", values=key)[acts] for key in ("val_acc", "test_acc")
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 0.8 + 0.6 * heat.shape[0]))
     image = ax.imshow(heat.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(heat.shape[1]), heat.columns)
     ax.set_yticks(range(heat.shape[0]), heat.index)
     ax.set_xlabel("activation")
     ax.set_ylabel("hidden units n1-n2")
-    middle = heat.values.mean()
     for r in range(heat.shape[0]):
         for c in range(heat.shape[1]):
-            value = heat.values[r, c]
-            ax.text(
-                c, r, f"{value:.4f}", ha="center", va="center", color="black" if value > middle else "white"
-            )
+            red, green, blue, _ = image.cmap(image.norm(heat.values[r, c]))
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # perceived brightness of the cell
+            label = f"{heat.values[r, c]:.4f}\n(test {test.values[r, c]:.4f})"
+            ax.text(c, r, label, ha="center", va="center", fontsize=10, color="black" if light else "white")
     fig.colorbar(image, ax=ax, label="validation accuracy")
     ax.set_title(title)
     ax.grid(False)
@@ -340,7 +359,7 @@ def plot_validation_curves(runs, title):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     for label, run in runs.items():
         curve = run.history["val_accuracy"]
         (line,) = ax.plot(range(1, len(curve) + 1), curve, label=f"{label} (kept epoch {run.best_epoch})")
@@ -359,7 +378,7 @@ def plot_reliability(curves, title, bins=15):
     in each bin (right), for each {label: (probs (n, 10), labels (n,))}."""
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3))
     left.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
     for label, (probs, labels) in curves.items():
         table = reliability(probs, labels, bins)
@@ -377,29 +396,6 @@ def plot_reliability(curves, title, bins=15):
     right.set_yscale("log")
     right.legend(fontsize=9)
     right.set_title(f"{title}: confidence histogram")
-    plt.tight_layout()
-    plt.show()
-
-
-def plot_confusion(counts, class_names, title):
-    """The confusion matrix ``counts`` (10, 10) (rows true, columns predicted) with every count written."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 7))
-    image = ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(NUM_CLASSES), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(NUM_CLASSES), class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
-            dark = counts[i, j] > counts.max() / 2
-            ax.text(
-                j, i, counts[i, j], ha="center", va="center", fontsize=8, color="white" if dark else "black"
-            )
-    fig.colorbar(image, ax=ax, label="test images")
-    ax.set_title(title)
-    ax.grid(False)
     plt.tight_layout()
     plt.show()
 
@@ -451,6 +447,27 @@ def train_in_fresh_process(n1, n2, act, protocol, splits, seed, env=None, thread
         with np.load(folder / "weights.npz") as saved:
             result["weights"] = [saved[f"w{i}"] for i in range(len(saved.files))]
     return result
+
+
+def repeat_in_fresh_process(run, net, protocol, splits, seed, env=None, threads=None):
+    """The notebook's ``run`` of network ``net`` = (n1, n2, act) trained again by ``train_in_fresh_process``
+    (same protocol, splits and seed; ``env`` and ``threads`` as there), and how far the two ended apart:
+    a dict with ``val_acc``, ``test_acc`` and ``best_epoch`` ([this run's, the repeat's]),
+    ``max_weight_difference`` (largest absolute difference of any weight) and ``test_predictions_changed``
+    (test images whose predicted class differs)."""
+    other = train_in_fresh_process(*net, protocol, splits, seed, env=env, threads=threads)
+    twin = build_mlp(*net, protocol.initializer)
+    twin.set_weights(other["weights"])
+    predictions = [m.predict(splits.x_test, verbose=0).argmax(axis=1) for m in (run.model, twin)]
+    return {
+        "val_acc": [round(run.val_acc, 4), round(other["val_acc"], 4)],
+        "test_acc": [round(run.test_acc, 4), round(other["test_acc"], 4)],
+        "best_epoch": [run.best_epoch, other["best_epoch"]],
+        "max_weight_difference": max(
+            float(np.abs(a - b).max()) for a, b in zip(run.model.get_weights(), other["weights"])
+        ),
+        "test_predictions_changed": int(np.sum(predictions[0] != predictions[1])),
+    }
 
 
 def _train_job(job_path):

@@ -90,20 +90,27 @@ def _import_tensorflow_quietly():
 
 
 def plot_histories(
-    histories, title, metrics=("accuracy", "loss"), best_epochs=None, colors=None, train=True, panel=(6.5, 4)
+    histories,
+    title,
+    metrics=("accuracy", "loss"),
+    best_epochs=None,
+    colors=None,
+    train=True,
+    width=6.5,
+    height=4,
 ):
     """Training curves of one or more runs, side by side per metric: train solid, validation dashed.
 
     ``histories``: {label: Keras-style history dict with ``metric`` and ``val_<metric>`` lists};
     ``best_epochs``: {label: 1-based epoch whose weights were kept}, marked with a dotted line;
     ``colors``: {label: matplotlib colour} (one colour per technique across a notebook; default: the
-    style's cycle); ``train=False`` draws the validation curves alone; ``panel``: (width, height) in
-    inches of each metric's panel.
+    style's cycle); ``train=False`` draws the validation curves alone; ``width`` (of each panel) and
+    ``height``: in inches.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(panel[0] * len(metrics), panel[1]), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), height), squeeze=False)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {label: (colors or {}).get(label, cycle[i % len(cycle)]) for i, label in enumerate(histories)}
     for label, history in histories.items():
@@ -142,18 +149,13 @@ def source(obj):
 
 
 def answer_slot():
-    """The bold answer line under a question heading, shown before the evidence that computes it: call
-    this in a hidden cell right under the heading, then ``slot.update(text)`` once the numbers exist
-    (the display is replaced in place, also in a notebook executed by papermill). Returns the slot."""
+    """Reserve the place of a question's bold answer line right under its heading, for an answer computed
+    further down: shows a pending note until the returned display handle's ``update(Markdown(...))``
+    replaces it (papermill writes the update into this cell's saved output, so the exported report shows
+    the answer first and its evidence after it)."""
     from IPython.display import Markdown, display
 
-    handle = display(Markdown("*(the answer appears when the cells below have run)*"), display_id=True)
-
-    class Slot:
-        def update(self, text):
-            handle.update(Markdown(f"**{text}**"))
-
-    return Slot()
+    return display(Markdown("*(answer pending: computed further down)*"), display_id=True)
 
 
 class Stopwatch:

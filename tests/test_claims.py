@@ -1,0 +1,223 @@
+"""What the committed notebooks claim: every sentence of their rendered prose that uses a comparative word
+(report.COMPARATIVE_WORDS) carries the words of a comparison recorded in results/partN.json["comparisons"];
+every recorded comparison's words are what report.compare / report.rank give for its figures; and every
+question heading is followed by its bold answer line, the first thing a reader of the report sees under it.
+The checks are also run on small notebooks with a planted fault, so that each can be seen to fail."""
+
+import json
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from conftest import REPO_ROOT
+from report import COMPARATIVE_WORDS, compare, rank, rerender
+
+PARTS = [
+    1,
+    2,
+    pytest.param(
+        3,
+        marks=pytest.mark.xfail(
+            strict=False,
+            reason="Part 3 is being rewritten (answer lines, recorded comparisons); mark to be removed",
+        ),
+    ),
+]
+HIDDEN_INPUT, HIDDEN_CELL = {"remove_input"}, {"remove_cell", "injected-parameters"}
+COMPARATIVE = re.compile(r"\b(" + "|".join(re.escape(w) for w in COMPARATIVE_WORDS) + r")\b", re.IGNORECASE)
+QUESTION_HEADING = re.compile(r"^#{1,6}\s*Question\s+\d+\.\d+\b.*$", re.MULTILINE)
+
+
+def committed(part):
+    """The committed notebook of ``part`` and its recorded comparisons ({id: record}, {} if none)."""
+    notebook = nbformat.read(REPO_ROOT / f"Assignment01_Part{part}_solution.ipynb", as_version=4)
+    results = json.loads((REPO_ROOT / "results" / f"part{part}.json").read_text())
+    return notebook, results.get("comparisons", {})
+
+
+def markdown_outputs(cell):
+    """The text/markdown outputs of a code cell, in order."""
+    return [
+        "".join(o["data"]["text/markdown"])
+        for o in cell.get("outputs", [])
+        if "text/markdown" in o.get("data", {})
+    ]
+
+
+def rendered_prose(notebook):
+    """The prose a reader of the exported report reads: Markdown cells, and the Markdown that cells whose code
+    is hidden (tag remove_input) render."""
+    texts = []
+    for cell in notebook.cells:
+        tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type == "markdown":
+            texts.append(cell.source)
+        elif tags & HIDDEN_INPUT and not tags & HIDDEN_CELL:
+            texts.extend(markdown_outputs(cell))
+    return texts
+
+
+def sentences(text):
+    """``text`` with its whitespace collapsed, split after each '.', '!' or '?' that a space follows."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
+
+
+def unsupported_claims(notebook, comparisons):
+    """The sentences that use a comparative word but contain the words of no recorded comparison."""
+    recorded = [record["words"] for record in comparisons.values()]
+    return [
+        sentence
+        for text in rendered_prose(notebook)
+        for sentence in sentences(text)
+        if COMPARATIVE.search(sentence) and not any(words in sentence for words in recorded)
+    ]
+
+
+def stale_records(comparisons):
+    """The ids of the records whose stored words are not what their figures give."""
+    return [key for key, record in comparisons.items() if record["words"] != rerender(record)]
+
+
+def reader_view(notebook):
+    """What the report shows, in order: ("heading", line) for each question heading, ("text", Markdown)
+    for the rest of a Markdown cell, ("code", source) for shown code, ("answer", Markdown) for the Markdown
+    a hidden cell renders and ("output", kind) for any other output."""
+    seen = []
+    for cell in notebook.cells:
+        tags = set(cell.metadata.get("tags", []))
+        if tags & HIDDEN_CELL:
+            continue
+        if cell.cell_type == "markdown":
+            done = 0
+            for match in QUESTION_HEADING.finditer(cell.source):
+                if cell.source[done : match.start()].strip():
+                    seen.append(("text", cell.source[done : match.start()]))
+                seen.append(("heading", match.group().strip()))
+                done = match.end()
+            if cell.source[done:].strip():
+                seen.append(("text", cell.source[done:]))
+            continue
+        if not tags & HIDDEN_INPUT:
+            seen.append(("code", cell.source))
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if tags & HIDDEN_INPUT and "text/markdown" in data:
+                seen.append(("answer", "".join(data["text/markdown"])))
+            elif output.get("output_type") == "stream" or any("".join(v).strip() for v in data.values()):
+                seen.append(("output", output.get("output_type")))
+    return seen
+
+
+def unanswered_questions(notebook):
+    """The question headings not followed, as the first thing shown under them, by a bold answer line that a
+    hidden cell renders (Markdown starting with '**')."""
+    view = reader_view(notebook)
+    return [
+        text
+        for (kind, text), after in zip(view, view[1:] + [("end", "")])
+        if kind == "heading" and not (after[0] == "answer" and after[1].lstrip().startswith("**"))
+    ]
+
+
+def headings(notebook):
+    return [text for kind, text in reader_view(notebook) if kind == "heading"]
+
+
+# --- the committed notebooks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_comparative_sentence_carries_a_recorded_comparison(part):
+    notebook, comparisons = committed(part)
+    assert unsupported_claims(notebook, comparisons) == []
+    assert stale_records(comparisons) == []
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_question_opens_with_its_bold_answer_line(part):
+    notebook, _ = committed(part)
+    assert headings(notebook), "no question headings found"
+    assert unanswered_questions(notebook) == []
+
+
+# --- the checks fail on planted faults ---------------------------------------------------------------------
+
+
+def hidden(markdown):
+    """A code cell with hidden input that rendered ``markdown``."""
+    output = new_output("display_data", data={"text/markdown": markdown, "text/plain": "<Markdown>"})
+    return new_code_cell("display(Markdown(...))", metadata={"tags": ["remove_input"]}, outputs=[output])
+
+
+@pytest.fixture
+def recorded():
+    """A comparison on 40 images (B right on 12 more) and a ranking, as the notebooks record them."""
+    a = np.array([True] * 20 + [False] * 20)
+    b = np.array([True] * 32 + [False] * 8)
+    return {
+        "b_vs_a": compare("A", "B", "test accuracy", correct_a=a, correct_b=b),
+        "grid_largest": rank({"20-20": 0.871, "40-40": 0.888}, "validation accuracy", "largest", ".3f"),
+    }
+
+
+def test_a_claim_built_from_a_record_passes(recorded):
+    words = recorded["b_vs_a"]["words"]
+    assert words.startswith("a significant gain")
+    notebook = new_notebook(
+        cells=[
+            new_markdown_cell("Mixup is not better or worse here: nothing was compared."),
+            hidden(f"Against A: {words}. The grid has {recorded['grid_largest']['words']}."),
+        ]
+    )
+    assert unsupported_claims(notebook, recorded) == [
+        "Mixup is not better or worse here: nothing was compared."
+    ]
+    notebook.cells.pop(0)
+    assert unsupported_claims(notebook, recorded) == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "Smoothing gives a significant gain in test accuracy of +0.050.",
+        "The wider network is better.",
+        "SAM HELPS on the attacked images.",
+        "Augmentation costs a loss of 0.02 in accuracy.",
+    ],
+)
+def test_a_planted_claim_without_its_record_fails(recorded, planted):
+    notebook = new_notebook(cells=[hidden(f"First sentence. {planted} Last sentence.")])
+    assert unsupported_claims(notebook, recorded) == [planted]
+    notebook = new_notebook(cells=[new_markdown_cell(planted)])
+    assert unsupported_claims(notebook, recorded) == [planted]
+
+
+def test_a_record_whose_words_disagree_with_its_figures_fails(recorded):
+    assert stale_records(recorded) == []
+    tampered = {key: dict(record) for key, record in recorded.items()}
+    tampered["b_vs_a"]["b"] = tampered["b_vs_a"]["a"]  # the same figures: no gain, yet the words claim one
+    tampered["grid_largest"]["values"] = {"20-20": 0.899, "40-40": 0.888}  # another winner
+    assert stale_records(tampered) == ["b_vs_a", "grid_largest"]
+    reworded = {"b_vs_a": dict(recorded["b_vs_a"], words=recorded["b_vs_a"]["words"].replace("gain", "loss"))}
+    assert stale_records(reworded) == ["b_vs_a"]
+
+
+def test_a_question_without_its_answer_line_first_fails():
+    heading = new_markdown_cell("## Part 9\n\n### Question 9.1. Do it")
+    answered = [heading, hidden("**Answer: 0.88.**"), new_code_cell("x = 1")]
+    assert unanswered_questions(new_notebook(cells=answered)) == []
+    prose_first = new_markdown_cell("## Question 9.1: do it\n\nSome text.")
+    faults = [
+        [heading, new_code_cell("x = 1"), hidden("**Answer: 0.88.**")],  # the code comes first
+        [heading, hidden("Answer: 0.88.")],  # not bold
+        [heading, hidden("*(answer pending: computed further down)*")],  # the slot was never filled
+        [heading],  # no answer at all
+    ]
+    for cells in faults:
+        assert unanswered_questions(new_notebook(cells=cells)) == ["### Question 9.1. Do it"]
+    assert unanswered_questions(new_notebook(cells=[prose_first, hidden("**Answer: 0.88.**")])) == [
+        "## Question 9.1: do it"
+    ]
