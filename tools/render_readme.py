@@ -86,7 +86,7 @@ def table_rows(r):
     best_name = f" ({best_name})" if best_name else ""
     strong_k = lookup(p3, "adversarial", "pgd_strong_k")
     restarts = lookup(p3, "adversarial", "pgd_restarts")
-    strong = f"PGD-{strong_k or 'k'} / PGD-20 with {restarts or 'n'} random restarts"
+    strong = f"PGD-{strong_k or 'k'} / PGD-20 from the clean image and {restarts or 'n'} random starts"
     return [
         ("1", "Q1.2 cross-entropy loss", lookup(p1, "q1_2", "ce_loss")),
         ("1", "Q1.2 loss with label smoothing α = 0.1", lookup(p1, "q1_2", "label_smoothing_loss")),
@@ -131,7 +131,7 @@ def table_rows(r):
         (
             "3",
             f"3.9 adversarially trained: {strong} / worst case over every attack",
-            [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_random_restarts", "worst_case")],
+            [lookup(p3, "adversarial", k) for k in ("pgd_strong", "pgd_restarts_acc", "worst_case")],
         ),
         ("3", f"3.10 SAM{rho}, test accuracy", lookup(p3, "sam", "test_acc")),
         (
