@@ -14,6 +14,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test`'s two workers on two cores: one compute thread each (TensorFlow's intra-op pool and oneDNN's
+    # OpenMP), inherited by the notebooks they execute, rather than two each that compete for the same cores
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def animals_dir():
