@@ -24,6 +24,8 @@ STAMP := $(VENV)/.requirements-installed
 NOTEBOOKS := $(foreach n,1 2 3,Assignment01_Part$(n)_solution.ipynb)
 STUDENT_ID ?= $(shell python3 -c 'import json; print(json.load(open("student.json"))["student_id"])')
 SUBMISSION_DIR ?= .
+# pytest-xdist workers of `make test` (one per core of the 2-core machine)
+TEST_WORKERS ?= 2
 SUBMISSION_ZIP = $(SUBMISSION_DIR)/$(STUDENT_ID)_assignment01_solution.zip
 
 .PHONY: help venv data fashion-mnist animals run test test-fast lint quick html submission check-student-id readme
@@ -73,7 +75,7 @@ test: ANIMALS_OPTIONAL := 1
 test: venv fashion-mnist animals
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # --- the others ---------------------------------------------------------------------------------
 

@@ -202,13 +202,6 @@ def mcnemar(correct_a, correct_b, alpha=0.05):
     )
 
 
-def significance(test):
-    """The verdict of ``mcnemar`` in words, e.g. "not significant (McNemar p = 0.41; 12 vs 9 discordant
-    images)": A right and B wrong on 12 images, the other way round on 9."""
-    verdict = "significant" if test.significant else "not significant"
-    return f"{verdict} (McNemar p = {test.p_value:.2g}; {test.a_only} vs {test.b_only} discordant images)"
-
-
 # --------------------------------------------------------------------------------------------------
 # Comparisons in words
 # --------------------------------------------------------------------------------------------------

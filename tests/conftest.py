@@ -1,5 +1,8 @@
 """Shared test fixtures: the repository root, the Animals data location, and one quick-profile run of each
-notebook per test session (in a committed copy of the working tree), shared by the tests that need one."""
+notebook per test session (in a committed copy of the working tree), shared by the tests that need one.
+
+`make test` runs pytest on two workers (pytest-xdist, `--dist loadgroup`); `pytest_collection_modifyitems`
+keeps each test module on one worker, so that its module-scoped fixtures are built once."""
 
 import os
 import shutil
@@ -18,6 +21,17 @@ def animals_dir():
     path = Path(os.environ.get("ANIMALS_DIR") or REPO_ROOT / "datasets" / "Animals")
     has_images = path.is_dir() and any(f.is_file() for d in path.iterdir() if d.is_dir() for f in d.iterdir())
     return path if has_images else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test module. The quick-profile test of Part N in test_foundation.py joins
+    test_partN.py's group, whose tests use the same run: each notebook is executed once per session."""
+    for item in items:
+        group = item.path.stem
+        notebook = item.callspec.params.get("notebook") if hasattr(item, "callspec") else None
+        if notebook and "quick_profile_run" in item.fixturenames:
+            group = "test_" + notebook.split("_")[1].lower()  # ..._Part2_solution.ipynb -> test_part2
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

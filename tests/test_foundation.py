@@ -213,6 +213,24 @@ def test_export_converts_a_clean_notebook(tmp_path):
     assert "forty-two" in (tmp_path / "Clean_output.html").read_text()
 
 
+def test_export_adds_the_print_style_after_the_theme(tmp_path):
+    """Printed, long code lines wrap instead of being cut off: the print style comes after the theme's
+    variables it overrides (the later of two equally specific rules wins)."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from export_notebooks import PRINT_CSS, with_print_style
+
+    nb = notebook(tmp_path / "Printed_solution.ipynb", [executed("x = 1", 1)])
+    assert export(nb).returncode == 0
+    html = (tmp_path / "Printed_output.html").read_text()
+    assert "white-space: pre-wrap" in PRINT_CSS and "--jp-code-font-size: 10px" in PRINT_CSS
+    assert html.count(PRINT_CSS) == 1
+    assert html.index(PRINT_CSS) > html.rindex("--jp-code-font-size: 13px") and html.index(
+        PRINT_CSS
+    ) < html.index("</head>")
+    with pytest.raises(ValueError, match="no </head>"):
+        with_print_style("<html><body>no head</body></html>")
+
+
 def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cells(tmp_path):
     def printing(source_marker, output_marker, count, tags=()):
         """A cell whose source holds `source_marker` and whose output is `output_marker`."""

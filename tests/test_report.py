@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from report import Stopwatch, compare, mcnemar, rank, rerender, significance, start_notebook
+from report import Stopwatch, compare, mcnemar, rank, rerender, start_notebook
 
 
 def exact_two_sided(k, n):
@@ -32,7 +32,6 @@ def test_mcnemar_of_a_model_with_itself_is_not_significant():
     correct = np.random.default_rng(0).random(500) < 0.7
     test = mcnemar(correct, correct)
     assert (test.a_only, test.b_only, test.p_value, test.significant) == (0, 0, 1.0, False)
-    assert significance(test).startswith("not significant (McNemar p = 1")
 
 
 def test_mcnemar_refuses_masks_of_different_lengths():

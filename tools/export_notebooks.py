@@ -6,7 +6,8 @@ X_solution.ipynb becomes X_output.html next to it. A notebook with a code cell t
 out of order, or an error output is refused (named on stderr with its first problems) and not exported;
 the exit status is 1 when any notebook was refused or missing. In the HTML, a cell tagged `remove_input`
 shows its output only, and a cell tagged `remove_cell` is left out, as is papermill's `injected-parameters`
-cell (the `parameters` cell above it already shows the settings a reader can change).
+cell (the `parameters` cell above it already shows the settings a reader can change). The HTML carries a
+print style (PRINT_CSS) so that a notebook printed to A4 shows every character of its code and text.
 """
 
 import json
@@ -37,6 +38,29 @@ def problems(path):
     return found
 
 
+# Printed to A4 (a marker's print or "Save as PDF"), JupyterLab's style cuts code lines off at about 83
+# characters and moves a long text output whole to the next page, leaving the rest of the page blank. Here:
+# code and text at 10 px (a 120-character line fits the width, a longer one wraps instead of being cut),
+# narrower prompts, text outputs and tables free to continue on the next page; a figure stays whole.
+PRINT_CSS = """
+@media print {
+  :root { --jp-code-font-size: 10px; --jp-cell-prompt-width: 40px; }
+  .jp-InputPrompt, .jp-OutputPrompt { font-size: 8px; }
+  .jp-RenderedHTMLCommon pre { font-size: 10px; }
+  .jp-InputArea-editor pre, .jp-RenderedText pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+  .jp-OutputArea-child { break-inside: auto; }
+  .jp-RenderedImage { break-inside: avoid; }
+}
+"""
+
+
+def with_print_style(html):
+    """`html` with PRINT_CSS as the last style of its head (so that it overrides the theme's)."""
+    if "</head>" not in html:
+        raise ValueError("no </head> in the exported HTML: cannot add the print style")
+    return html.replace("</head>", f"<style>{PRINT_CSS}</style>\n</head>", 1)
+
+
 def html_exporter():
     """nbconvert's HTML exporter with the cell tags `remove_input`, `remove_cell` and papermill's
     `injected-parameters` honoured."""
@@ -60,7 +84,7 @@ def export(path, exporter):
     body, _ = exporter.from_notebook_node(nbformat.read(path, as_version=4))
     html = path.with_name(path.stem.removesuffix("_solution") + "_output.html")
     partial = html.with_name(html.name + ".partial")
-    partial.write_text(body, encoding="utf-8")
+    partial.write_text(with_print_style(body), encoding="utf-8")
     os.replace(partial, html)
     return html
 
