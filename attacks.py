@@ -325,8 +325,8 @@ def eps_curve(model, x, y, eps_values, k, eta, batch_size=500, clean=None):
 #    as the target; otherwise ART returns the random start. AutoAttack's APGD-T counts any wrong class.
 #    Fix: run ART in its untargeted mode (it maximises the loss and calls an image broken when argmax
 #    differs from argmax of the label) with the label row one_hot(y) - one_hot(t): argmax is y, and
-#    ``dlr_loss`` reads the target t from the -1. (This also avoids line 511, which keeps the first step
-#    when the loss rises, in the targeted mode too.)
+#    ``dlr_loss`` reads the target t from the -1. (This also keeps clear of line 511, which takes the
+#    first step as the best point when the loss rises, even in the targeted mode, where it should fall.)
 # 3. Same file, lines 582-588: ART returns the last iterate, and only if the model is wrong there;
 #    AutoAttack counts an image as broken if the model is wrong at any iterate. Fix: the estimator below
 #    watches every point ART evaluates (every iterate passes through ``compute_loss``) and keeps, per
@@ -376,8 +376,10 @@ def _art():
         from art.estimators.classification import TensorFlowV2Classifier
 
     class WatchedClassifier(TensorFlowV2Classifier):
-        """Computes APGD's per-image loss (ART calls ``compute_loss`` on every iterate) and records, for
-        the rows of the batch passed to ``watch``, the first point at which the model is wrong. Its
+        """ART's estimator, plus a record of one ``generate(x, labels)`` call (announced by ``watch``): for
+        each image, has the model been wrong at any point APGD evaluated (``fooled``), and the first such
+        point (``first_wrong``). ART evaluates every iterate through ``compute_loss``, and its first
+        ``predict`` in ``generate`` (line 406) decides which images it attacks: those it gets right.
         ``loss_gradient`` is ART's, compiled (ART's runs eagerly: 1.7 s instead of about 1 s per step on
         500 images of the 3-block CNN, on 2 cores)."""
 
@@ -386,7 +388,7 @@ def _art():
             images = tf.TensorSpec([None, *self.input_shape], tf.float32)
             labels = tf.TensorSpec([None, self.nb_classes], tf.float32)
             self._gradient = tf.function(self._eager_gradient, input_signature=[images, labels])
-            self.watch(0)
+            self.watch(None)
 
         def _eager_gradient(self, x, y):
             with tf.GradientTape() as tape:
@@ -399,19 +401,27 @@ def _art():
                 tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.float32)
             ).numpy()
 
-        def watch(self, n):
-            """Start a record for a batch of n images (APGD then evaluates all n rows each time)."""
-            self.fooled, self.first_wrong = np.zeros(n, dtype=bool), None
+        def watch(self, labels):
+            """Record the next ``generate(x, labels)``; None stops recording."""
+            self.labels, self.attacked = labels, None
+
+        def predict(self, x, batch_size=128, training_mode=False, **kwargs):
+            predictions = super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+            if self.labels is not None and self.attacked is None:  # generate's first look at x
+                right = np.argmax(predictions, axis=1) == np.argmax(self.labels, axis=1)
+                self.attacked, self.fooled = np.flatnonzero(right), ~right
+                self.first_wrong = np.array(x, dtype=np.float32)  # x itself for the images it gets wrong
+            return predictions
 
         def compute_loss(self, x, y, reduction="none", training_mode=False, **kwargs):
-            if len(x) != len(self.fooled):
-                raise RuntimeError(f"compute_loss got {len(x)} rows; watch() was told {len(self.fooled)}")
             logits = self._forward_pass(self._model, tf.convert_to_tensor(x), training=False)
-            wrong = np.argmax(logits, axis=1) != np.argmax(y, axis=1)
-            if self.first_wrong is None:
-                self.first_wrong = np.array(x, dtype=np.float32)
-            new = wrong & ~self.fooled
-            self.first_wrong[new], self.fooled = x[new], self.fooled | wrong
+            if self.attacked is not None:
+                if len(x) != len(self.attacked):  # APGD's batch_size must cover every attacked image
+                    raise RuntimeError(f"APGD evaluated {len(x)} images; it attacks {len(self.attacked)}")
+                wrong = np.argmax(logits, axis=1) != np.argmax(y, axis=1)
+                new = wrong & ~self.fooled[self.attacked]
+                self.first_wrong[self.attacked[new]] = x[new]
+                self.fooled[self.attacked[wrong]] = True
             losses = np.asarray(self._loss_object(y, logits))
             return dict(none=losses, mean=losses.mean(), sum=losses.sum())[reduction]
 
@@ -467,10 +477,11 @@ def _check_apgd_inputs(model, x, y, eps, iterations, loss, targeted, targets):
 
 
 def _apgd_run(classifier, x, labels, eps, iterations, seed):
-    """One APGD run of ``iterations`` steps from one random start, on images the classifier gets right.
+    """One APGD run of ``iterations`` steps from one random start.
 
-    labels: (n, K) rows as ``dlr_loss`` reads them. Returns (fooled, points): (n,) bools, and for each
-    image the first iterate at which the model is wrong if any, else ART's last point (in the ball)."""
+    x: (n, H, W, C); labels: (n, K) rows as ``dlr_loss`` reads them. Returns (fooled, points): (n,) bools,
+    and for each image the first point at which the model is wrong if any (x itself if it is wrong
+    there), else ART's last point (in the ball)."""
     attack = _art()[0](
         classifier,
         norm=np.inf,
@@ -479,19 +490,20 @@ def _apgd_run(classifier, x, labels, eps, iterations, seed):
         max_iter=iterations,
         targeted=False,  # issue 2: the targeted loss is maximised, any wrong class counts
         nb_random_init=1,
-        batch_size=len(x),  # one ART batch, so that compute_loss sees the rows that ``watch`` counts
+        batch_size=len(x),  # one ART batch: compute_loss sees every attacked image at once
         loss_type=None,  # the classifier's loss: issue 1
         verbose=False,
     )
-    classifier.watch(len(x))
     state = np.random.get_state()  # ART draws its random start from NumPy's global generator
     np.random.seed(seed)
+    classifier.watch(labels)
     try:
         last = attack.generate(x, labels)
+        fooled, first_wrong = classifier.fooled, classifier.first_wrong
     finally:
+        classifier.watch(None)
         np.random.set_state(state)
-    fooled = classifier.fooled.copy()
-    return fooled, np.where(fooled.reshape(-1, *[1] * (x.ndim - 1)), classifier.first_wrong, last)
+    return fooled, np.where(fooled.reshape(-1, *[1] * (x.ndim - 1)), first_wrong, last)
 
 
 def apgd_attack(
@@ -516,7 +528,7 @@ def apgd_attack(
     x_adv = x.copy()
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits = classifier.predict(xb)  # ART's own forward pass: it decides which images it attacks
+        logits = classifier.predict(xb)  # an image the model already gets wrong needs no attack
         alive = np.argmax(logits, axis=1) == yb
         ranked = np.argsort(-logits, axis=1, kind="stable")  # for an image classified right, ranked[:, 0] = y
         for rank in range(1, targets + 1) if targeted else [None]:

@@ -189,7 +189,6 @@ def test_dlr_that_art_computes_matches_croce_hein(targeted):
     z, y, t = random_logits(0)
     labels = np.eye(10, dtype=np.float32)[y] - (np.eye(10, dtype=np.float32)[t] if targeted else 0)
     classifier = attacks.apgd_classifier(softmax_model(), "dlr")
-    classifier.watch(len(z))
     ours = classifier.compute_loss(z, labels, reduction="none")
     np.testing.assert_allclose(ours, croce_hein_dlr(z, y, t if targeted else None), rtol=1e-5, atol=1e-6)
 
@@ -209,7 +208,6 @@ def test_compiled_gradient_is_arts_gradient(loss):
 def test_ce_that_art_computes_is_the_cross_entropy():
     z, y, _ = random_logits(1)
     classifier = attacks.apgd_classifier(softmax_model(), "ce")
-    classifier.watch(len(z))
     ours = classifier.compute_loss(z, np.eye(10, dtype=np.float32)[y], reduction="none")
     log_p = z - np.log(np.sum(np.exp(z.astype(np.float64)), axis=1, keepdims=True))
     np.testing.assert_allclose(ours, -log_p[np.arange(len(y)), y], rtol=1e-5, atol=1e-5)
@@ -276,6 +274,20 @@ def test_stock_art_targeted_mode_misses_a_wrong_class_other_than_the_target():
     attack = stock_apgd(model, targeted=True, eps=0.1, eps_step=0.2, nb_random_init=1, batch_size=8)
     theirs = attack.generate(x, np.eye(4, dtype=np.float32)[np.ones(8, dtype=int)])
     np.testing.assert_array_equal(np.argmax(model(theirs), axis=1), 0)
+
+
+def test_a_run_reports_images_wrong_at_the_start_and_at_any_iterate():
+    """``_apgd_run`` on the toy model: images 0-1 (x = 0) are right and broken by the walk; images 2-3
+    (s = 90) are wrong at x, which ART does not attack: fooled, with x itself as their point."""
+    model = toy_model()
+    x = np.concatenate([np.zeros((2, 100)), np.full((2, 100), 0.9)]).astype(np.float32)
+    labels = np.eye(4, dtype=np.float32)[[0, 0, 0, 0]] - np.eye(4, dtype=np.float32)[[1, 1, 1, 1]]
+    classifier = attacks.apgd_classifier(model, "dlr")
+    fooled, points = attacks._apgd_run(classifier, x, labels, eps=0.1, iterations=100, seed=0)
+    np.testing.assert_array_equal(fooled, True)
+    np.testing.assert_array_equal(points[2:], x[2:])
+    np.testing.assert_array_equal(np.argmax(model(points), axis=1), 2)
+    assert classifier.labels is None  # the record is closed
 
 
 # ------------------------------------------------------------------------------------------------
