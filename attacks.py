@@ -4,14 +4,18 @@ Reads top to bottom: the building blocks (logits, input gradient, projection, th
 the three attacks as one function each (``fgsm_attack``, ``pgd_attack``, ``mim_attack``), then the
 evaluation: ``robust_correct`` / ``robust_accuracy`` for one attack, ``evaluate_robustness`` for the
 whole report (clean, FGSM, PGD, MIM, PGD with more steps, random restarts, the worst case) and
-``eps_curve``.
+``eps_curve``; last, AutoAttack's two gradient attacks through the adversarial-robustness-toolbox
+(``apgd_attack``, ``evaluate_apgd``: APGD-CE and APGD-T, with the DLR loss ``dlr_loss``).
 
 Conventions: images are float32 arrays (N, H, W, C) with pixels in [-1, 1]; labels are (N,) integer
-class indices; a model maps images to (N, K) softmax probabilities. Every attack is untargeted, in the
-L-infinity ball of radius ``eps`` around the clean image, and maximises the cross-entropy of the true
-label, differentiated through the logits.
+class indices; a model maps images to (N, K) softmax probabilities. Every attack works in the
+L-infinity ball of radius ``eps`` around the clean image and differentiates through the logits; all
+but APGD-T are untargeted and maximise the cross-entropy of the true label.
 """
 
+import functools
+import time
+import warnings
 import weakref
 
 import numpy as np
@@ -298,3 +302,264 @@ def eps_curve(model, x, y, eps_values, k, eta, batch_size=500, clean=None):
         )
         rows.append(dict(eps=eps, **{name: float(mask.mean()) for name, mask in masks.items()}))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# APGD: the two gradient attacks of AutoAttack (Croce & Hein, ICML 2020), through ART
+# --------------------------------------------------------------------------------------------------
+# Auto-PGD needs no step size: it starts at 2 eps, takes momentum steps, and halves the step at
+# checkpoints (22%, 41%, ... of the iterations) where the loss stopped rising, restarting from the best
+# point. AutoAttack's standard version runs APGD-CE (untargeted cross-entropy) and APGD-T (the targeted
+# DLR loss, once per each of the 9 classes ranked highest after the true one), 100 iterations and one
+# random start each. Here ART 1.20.1's ``AutoProjectedGradientDescent`` walks; this module supplies the
+# loss, the labels and the bookkeeping where ART departs from AutoAttack in a way that matters here
+# (paths under site-packages/art/):
+#
+# 1. attacks/evasion/auto_projected_gradient_descent.py:156-198, with targeted=True: the targeted
+#    "difference_logits_ratio" is the untargeted DLR of the target class, minimised (the gradient's sign
+#    is flipped at line 471): -(z_t - max_{i!=t} z_i) / (z_pi1 - z_pi3). That is not Croce & Hein's
+#    targeted DLR, -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), and it is identically 1 whenever the
+#    target is the third-ranked class: its gradient is rounding noise (~1e-8), whose sign APGD follows.
+#    Fix: ``dlr_loss``, passed as the estimator's loss (loss_type=None).
+# 2. Same file, lines 408 and 584, with targeted=True: an image counts as broken only if it is classified
+#    as the target; otherwise ART returns the random start. AutoAttack's APGD-T counts any wrong class.
+#    Fix: run ART in its untargeted mode (it maximises the loss and calls an image broken when argmax
+#    differs from argmax of the label) with the label row one_hot(y) - one_hot(t): argmax is y, and
+#    ``dlr_loss`` reads the target t from the -1. (This also keeps clear of line 511, which takes the
+#    first step as the best point when the loss rises, even in the targeted mode, where it should fall.)
+# 3. Same file, lines 582-588: ART returns the last iterate, and only if the model is wrong there;
+#    AutoAttack counts an image as broken if the model is wrong at any iterate. Fix: the estimator below
+#    watches every point ART evaluates (every iterate passes through ``compute_loss``) and keeps, per
+#    image, the first one the model gets wrong.
+# Left as ART does it: (a) condition 1 of the step-size rule counts iterations that beat the best loss
+# so far (lines 543-547), where the paper counts iterations whose loss exceeds the previous iterate's,
+# so ART halves the step at least as often; (b) the random start is uniform in the eps cube
+# (art/utils.py:609, random_sphere), AutoAttack's is scaled to touch the cube's surface;
+# nb_random_init=0 (a start at x, documented at line 88) is rejected at line 610, so every run starts
+# at random. One start per run (nb_random_init=1), as AutoAttack's standard version.
+
+
+def dlr_loss(labels, logits):
+    """Croce & Hein's difference-of-logits-ratio loss per image, the quantity APGD maximises.
+
+    labels: (N, K), each row either one_hot(y) (untargeted) or one_hot(y) - one_hot(t) (targeted at
+    class t, marked by the -1); logits: (N, K), K >= 4. With z_pi1 >= z_pi2 >= ... the sorted logits:
+
+    - untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)
+    - targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+
+    plus 1e-12 in the denominator, as AutoAttack. The ratio is invariant to shifting and scaling the
+    logits, so a model cannot hide behind their scale. Returns (N,) float32.
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    labels = tf.convert_to_tensor(labels, tf.float32)
+    is_true, is_target = labels > 0, labels < 0
+    z_y = tf.reduce_sum(tf.where(is_true, logits, 0.0), axis=1)
+    z_t = tf.reduce_sum(tf.where(is_target, logits, 0.0), axis=1)
+    z_other = tf.reduce_max(tf.where(is_true, -np.inf, logits), axis=1)
+    top = tf.math.top_k(logits, k=4).values
+    targeted = tf.reduce_any(is_target, axis=1)
+    margin = tf.where(targeted, z_y - z_t, z_y - z_other)
+    scale = tf.where(targeted, top[:, 0] - (top[:, 2] + top[:, 3]) / 2, top[:, 0] - top[:, 2])
+    return -margin / (scale + 1e-12)
+
+
+@functools.cache
+def _art():
+    """ART's APGD and a ``TensorFlowV2Classifier`` that watches APGD's walk (issue 3 above).
+
+    Imported on first use: ART writes ~/.art/config.json when imported and warns that PyTorch is
+    absent, which nothing else in this module needs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PyTorch not found", category=UserWarning)
+        from art.attacks.evasion import AutoProjectedGradientDescent
+        from art.estimators.classification import TensorFlowV2Classifier
+
+    class WatchedClassifier(TensorFlowV2Classifier):
+        """ART's estimator, plus a record of one ``generate(x, labels)`` call (announced by ``watch``): for
+        each image, has the model been wrong at any point APGD evaluated (``fooled``), and the first such
+        point (``first_wrong``). ART evaluates every iterate through ``compute_loss``, and its first
+        ``predict`` in ``generate`` (line 406) decides which images it attacks: those it gets right.
+        ``loss_gradient`` is ART's, compiled (ART's runs eagerly: 1.7 s instead of about 1 s per step on
+        500 images of the 3-block CNN, on 2 cores)."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            images = tf.TensorSpec([None, *self.input_shape], tf.float32)
+            labels = tf.TensorSpec([None, self.nb_classes], tf.float32)
+            self._gradient = tf.function(self._eager_gradient, input_signature=[images, labels])
+            self.watch(None)
+
+        def _eager_gradient(self, x, y):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = self._loss_object(y, self._model(x, training=False))
+            return tape.gradient(loss, x)  # of the sum of the per-image losses
+
+        def loss_gradient(self, x, y, training_mode=False, **kwargs):
+            return self._gradient(
+                tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.float32)
+            ).numpy()
+
+        def watch(self, labels):
+            """Record the next ``generate(x, labels)``; None stops recording."""
+            self.labels, self.attacked = labels, None
+
+        def predict(self, x, batch_size=128, training_mode=False, **kwargs):
+            predictions = super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+            if self.labels is not None and self.attacked is None:  # generate's first look at x
+                right = np.argmax(predictions, axis=1) == np.argmax(self.labels, axis=1)
+                self.attacked, self.fooled = np.flatnonzero(right), ~right
+                self.first_wrong = np.array(x, dtype=np.float32)  # x itself for the images it gets wrong
+            return predictions
+
+        def compute_loss(self, x, y, reduction="none", training_mode=False, **kwargs):
+            logits = self._forward_pass(self._model, tf.convert_to_tensor(x), training=False)
+            if self.attacked is not None:
+                if len(x) != len(self.attacked):  # APGD's batch_size must cover every attacked image
+                    raise RuntimeError(f"APGD evaluated {len(x)} images; it attacks {len(self.attacked)}")
+                wrong = np.argmax(logits, axis=1) != np.argmax(y, axis=1)
+                new = wrong & ~self.fooled[self.attacked]
+                self.first_wrong[self.attacked[new]] = x[new]
+                self.fooled[self.attacked[wrong]] = True
+            losses = np.asarray(self._loss_object(y, logits))
+            return dict(none=losses, mean=losses.mean(), sum=losses.sum())[reduction]
+
+    return AutoProjectedGradientDescent, WatchedClassifier
+
+
+APGD_LOSSES = ("ce", "dlr")
+
+
+def apgd_classifier(model, loss):
+    """ART's estimator of ``model``'s logits (``logits_model``: the DLR ratio is defined on logits, and
+    cross-entropy through the logits does not saturate) with the loss APGD maximises: ``"ce"``, the
+    softmax cross-entropy of the labels, or ``"dlr"``, ``dlr_loss``. Pixels are clipped to [-1, 1]."""
+    if loss not in APGD_LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {APGD_LOSSES}")
+    loss_object = (
+        keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None) if loss == "ce" else dlr_loss
+    )
+    return _art()[1](
+        model=logits_model(model),
+        nb_classes=model.output_shape[-1],
+        input_shape=tuple(model.input_shape[1:]),
+        loss_object=loss_object,
+        clip_values=(CLIP_MIN, CLIP_MAX),
+    )
+
+
+def _check_apgd_inputs(model, x, y, eps, iterations, loss, targeted, targets):
+    """x as float32 and y as int, or a ValueError that names the bad value."""
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
+    num_classes = model.output_shape[-1]
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r}: the radius of the L-inf ball must be positive")
+    if not (isinstance(iterations, int | np.integer) and iterations >= 1):
+        raise ValueError(f"iterations={iterations!r}: expected an integer >= 1")
+    if loss not in APGD_LOSSES:
+        raise ValueError(f"loss={loss!r}: expected one of {APGD_LOSSES}")
+    if targeted and loss != "dlr":
+        raise ValueError(f"targeted APGD uses the targeted DLR loss: got loss={loss!r}, expected 'dlr'")
+    if loss == "dlr" and num_classes < 4:
+        raise ValueError(f"the DLR loss needs at least 4 classes; the model has {num_classes}")
+    if targeted and not 1 <= targets < num_classes:
+        raise ValueError(f"targets={targets!r}: expected 1 to {num_classes - 1} (classes other than y)")
+    if x.shape[1:] != tuple(model.input_shape[1:]):
+        raise ValueError(f"x has shape {x.shape}; the model takes images of shape {model.input_shape[1:]}")
+    if y.shape != (len(x),):
+        raise ValueError(f"y has shape {y.shape}; expected ({len(x)},), one integer label per image")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}): got {y.min()} to {y.max()}")
+    if x.size and (x.min() < CLIP_MIN or x.max() > CLIP_MAX):
+        raise ValueError(f"pixels must lie in [{CLIP_MIN}, {CLIP_MAX}]: got {x.min()} to {x.max()}")
+    return x, y.astype(np.int64)
+
+
+def _apgd_run(classifier, x, labels, eps, iterations, seed):
+    """One APGD run of ``iterations`` steps from one random start.
+
+    x: (n, H, W, C); labels: (n, K) rows as ``dlr_loss`` reads them. Returns (fooled, points): (n,) bools,
+    and for each image the first point at which the model is wrong if any (x itself if it is wrong
+    there), else ART's last point (in the ball)."""
+    attack = _art()[0](
+        classifier,
+        norm=np.inf,
+        eps=eps,
+        eps_step=2 * eps,  # Croce & Hein's initial step
+        max_iter=iterations,
+        targeted=False,  # issue 2: the targeted loss is maximised, any wrong class counts
+        nb_random_init=1,
+        batch_size=len(x),  # one ART batch: compute_loss sees every attacked image at once
+        loss_type=None,  # the classifier's loss: issue 1
+        verbose=False,
+    )
+    state = np.random.get_state()  # ART draws its random start from NumPy's global generator
+    np.random.seed(seed)
+    classifier.watch(labels)
+    try:
+        last = attack.generate(x, labels)
+        fooled, first_wrong = classifier.fooled, classifier.first_wrong
+    finally:
+        classifier.watch(None)
+        np.random.set_state(state)
+    return fooled, np.where(fooled.reshape(-1, *[1] * (x.ndim - 1)), first_wrong, last)
+
+
+def apgd_attack(
+    model, x, y, eps=0.0313, iterations=100, loss="ce", targeted=False, targets=9, seed=0, batch_size=500
+):
+    """APGD (Croce & Hein 2020) in the L-inf ball of radius eps around each image, through ART.
+
+    x: (N, H, W, C) float32 in [-1, 1]; y: (N,) int labels. ``loss="ce"``: APGD-CE (untargeted
+    cross-entropy); ``loss="dlr"``: untargeted DLR, or with ``targeted=True`` APGD-T: one run with the
+    targeted DLR loss for each of the ``targets`` classes ranked highest by the clean logits after the
+    true one (AutoAttack: 9), each run only on the images that the earlier runs did not break. Each run
+    takes ``iterations`` steps from one uniform random start (seeded by ``seed``; NumPy's global
+    generator is restored afterwards), in batches of ``batch_size`` images.
+
+    Returns a (N, H, W, C) float32 array of points of the ball in [-1, 1]: for each image the first
+    point found at which the model is wrong (at any iterate of any run, as AutoAttack counts), else
+    the last point of the last run (x itself for an image the model already gets wrong).
+    """
+    x, y = _check_apgd_inputs(model, x, y, eps, iterations, loss, targeted, targets)
+    classifier = apgd_classifier(model, loss)
+    num_classes = model.output_shape[-1]
+    x_adv = x.copy()
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits = classifier.predict(xb)  # an image the model already gets wrong needs no attack
+        alive = np.argmax(logits, axis=1) == yb
+        ranked = np.argsort(-logits, axis=1, kind="stable")  # for an image classified right, ranked[:, 0] = y
+        for rank in range(1, targets + 1) if targeted else [None]:
+            idx = np.flatnonzero(alive)
+            if len(idx) == 0:
+                break
+            labels = np.eye(num_classes, dtype=np.float32)[yb[idx]]
+            if rank is not None:
+                labels[np.arange(len(idx)), ranked[idx, rank]] = -1.0
+            fooled, points = _apgd_run(classifier, xb[idx], labels, eps, iterations, seed)
+            x_adv[start + idx] = points
+            alive[idx[fooled]] = False
+    return x_adv
+
+
+def evaluate_apgd(model, x, y, eps=0.0313, iterations=100, targets=9, seed=0, batch_size=500):
+    """Per-image robustness of ``model`` on (x, y) under AutoAttack's two gradient attacks (APGD-CE and
+    APGD-T with ``targets`` target classes, ``iterations`` steps, one random start each; see
+    ``apgd_attack``), in the form of ``evaluate_robustness``: an image counts as robust when the model
+    is right on the clean image and on the attacked one, so the masks of both functions combine by AND.
+
+    Returns ``(scores, masks, seconds)``: dicts ``"apgd_ce"``/``"apgd_t"`` -> accuracy in [0, 1],
+    (N,) bool mask (True: still right), and wall time of the attack in seconds.
+    """
+    _check_apgd_inputs(model, x, y, eps, iterations, "dlr", True, targets)  # before any work
+    settings = dict(apgd_ce=dict(loss="ce"), apgd_t=dict(loss="dlr", targeted=True, targets=targets))
+    masks, seconds = {}, {}
+    for name, kwargs in settings.items():
+        started = time.perf_counter()
+        masks[name] = robust_correct(
+            model, x, y, apgd_attack, batch_size, eps=eps, iterations=iterations, seed=seed, **kwargs
+        )
+        seconds[name] = time.perf_counter() - started
+    return {name: float(mask.mean()) for name, mask in masks.items()}, masks, seconds

@@ -489,7 +489,9 @@ class YourModel(DefaultModel):
       the epoch kept is chosen by ``robust_tolerance`` (see ``training.RobustCheckpoint``): the best
       clean validation accuracy among the epochs within ``robust_tolerance`` of the best
       ``val_pgd_accuracy`` (0: simply the most robust epoch).
-    - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho.
+    - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho;
+      ``sam_fraction`` < 1: SAM's step on that random fraction of the steps only, a plain step on the
+      others (``training.RegularizedTrainer._sometimes_sam_gradients``).
     - ``weight_decay``: decoupled weight decay of the optimizer (Keras 3 applies it as AdamW does);
       ``lr_schedule='cosine'``: cosine decay of the learning rate to 0 over ``num_epochs``, after a
       linear warm-up from 0 over ``warmup_epochs``.
@@ -536,6 +538,7 @@ class YourModel(DefaultModel):
         adv_eta=0.002,
         adv_val_k=20,
         sam_rho=0.0,
+        sam_fraction=1.0,
         weight_decay=0.0,
         lr_schedule=None,
         augmenter="crop_flip",
@@ -574,6 +577,8 @@ class YourModel(DefaultModel):
         ]:
             if value is not None and value < 0:
                 raise ValueError(f"{option}={value!r} must be >= 0 (0 or None turns it off).")
+        if not 0.0 < sam_fraction <= 1.0:
+            raise ValueError(f"sam_fraction={sam_fraction!r} must be in (0, 1] (sam_rho=0 turns SAM off).")
         if patience is not None and patience < 1:
             raise ValueError(f"patience={patience!r} must be a positive integer or None.")
         if lr_schedule not in (None, "cosine"):
@@ -597,6 +602,7 @@ class YourModel(DefaultModel):
         self.adv_eta = adv_eta
         self.adv_val_k = adv_val_k
         self.sam_rho = sam_rho or 0.0
+        self.sam_fraction = sam_fraction
         self.weight_decay = weight_decay or 0.0
         self.lr_schedule = lr_schedule
         self.augmenter = augmenter
@@ -652,6 +658,7 @@ class YourModel(DefaultModel):
         "adv_eta",
         "adv_val_k",
         "sam_rho",
+        "sam_fraction",
         "weight_decay",
         "lr_schedule",
         "augmenter",
@@ -706,6 +713,8 @@ class YourModel(DefaultModel):
             adv_k=self.adv_k,
             adv_eta=self.adv_eta,
             sam_rho=self.sam_rho,
+            sam_fraction=self.sam_fraction,
+            seed=self.seed,
         )
 
     def _train_dataset(self, X, y, batch_size):

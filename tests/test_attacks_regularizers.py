@@ -433,6 +433,55 @@ def test_sam_draws_new_dropout_masks_in_both_passes():
     assert advanced[0.0] > 0 and advanced[0.05] == 2 * advanced[0.0]
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_sam_fraction_takes_sams_step_on_that_fraction_of_the_steps(fraction):
+    """The variant of Question 3.10: over 200 steps the count of SAM steps is Binomial(200, fraction)
+    (within 4 standard deviations), every step is either SAM's update or the plain one, and the same
+    seed draws the same steps."""
+    net, x, y, w, b = tiny_dense(seed=3)
+    steps, counts = 200, []
+    for _ in range(2):
+        net.set_weights([w.astype(np.float32), b.astype(np.float32)])
+        trainer = training.RegularizedTrainer(net, sam_rho=0.5, sam_fraction=fraction, seed=7)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.CategoricalCrossentropy())
+        trainer.fit(
+            np.tile(x, (steps, 1)), np.tile(y, (steps, 1)), batch_size=len(x), shuffle=False, verbose=0
+        )
+        counts.append(int(trainer.sam_steps.numpy()))
+    sd = np.sqrt(steps * fraction * (1 - fraction))
+    assert abs(counts[0] - steps * fraction) <= 4 * sd, counts
+    assert counts[0] == counts[1]  # seeded
+
+
+def test_sam_fraction_steps_are_either_sam_or_plain():
+    """With learning rate lr, one step moves w by -lr * (SAM's gradient) or by -lr * (the plain one)."""
+    net, x, y, w, b = tiny_dense(seed=4)
+    lr, rho = 0.1, 0.5
+    _, gw, gb = softmax_ce_gradients(x, y, w, b)
+    norm = np.sqrt(np.sum(gw**2) + np.sum(gb**2))
+    _, sharp_gw, _ = softmax_ce_gradients(x, y, w + rho * gw / norm, b + rho * gb / norm)
+    seen = set()
+    for seed in range(12):
+        net.set_weights([w.astype(np.float32), b.astype(np.float32)])
+        trainer = training.RegularizedTrainer(net, sam_rho=rho, sam_fraction=0.5, seed=seed)
+        trainer.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.CategoricalCrossentropy())
+        trainer.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+        new_w = net.get_weights()[0]
+        took_sam = bool(trainer.sam_steps.numpy())
+        np.testing.assert_allclose(new_w, w - lr * (sharp_gw if took_sam else gw), rtol=0, atol=1e-5)
+        seen.add(took_sam)
+    assert seen == {True, False}  # twelve seeds draw both kinds of step
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_sam_fraction_outside_0_1_is_refused(fraction):
+    net, *_ = tiny_dense()
+    with pytest.raises(ValueError, match="sam_fraction"):
+        training.RegularizedTrainer(net, sam_rho=0.05, sam_fraction=fraction)
+    with pytest.raises(ValueError, match="sam_fraction"):
+        YourModel(sam_rho=0.05, sam_fraction=fraction)
+
+
 # ------------------------------------------------------------------------------------------------
 # Adversarial training
 # ------------------------------------------------------------------------------------------------
@@ -483,6 +532,7 @@ OPTIONS = {
     "mixup": dict(mixup_alpha=0.2),
     "adv": dict(adv_eps=EPS, adv_k=3),
     "sam": dict(sam_rho=0.05),
+    "sam on half the steps": dict(sam_rho=0.05, sam_fraction=0.5),
     "augmentation+patience": dict(is_augmentation=True, patience=2),
     "cosine+weight_decay": dict(lr_schedule="cosine", weight_decay=1e-4),
     "all": dict(

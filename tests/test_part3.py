@@ -38,6 +38,17 @@ REQUIRED = {
     },
     "sam": {"rho", "val_acc", "test_acc", "model", "seconds_per_epoch", "runs", "baseline_sharpness"},
     "best_clean": {"name", "val_acc", "test_acc", "model", "test_acc_flip_tta"},
+    "apgd": {"library", "eps", "iterations", "targets", "models"},
+    "sam_variant": {
+        "epochs",
+        "seeds",
+        "rho",
+        "fraction",
+        "equal_compute_epochs",
+        "runs",
+        "criterion",
+        "rule",
+    },
 }
 
 needs_animals = pytest.mark.skipif(
@@ -99,7 +110,23 @@ def check_keys(results):
     ):
         assert key in comparisons, key
     assert all(0 <= c["p_value"] <= 1 for c in comparisons.values() if c["kind"] == "comparison")
-    assert len(results["levers"]) == 8 and len(results["summary"]) == len(results["clean_models"]) + 1
+    variant = results[
+        "sam_variant"
+    ]  # four contenders per seed, ranked among the clean models, not in the summary
+    assert len(variant["runs"]) == 4 * len(variant["seeds"])
+    assert {run["run"] for run in variant["runs"]} == set(variant["criterion"]) | {"plain, equal compute"}
+    assert variant["equal_compute_epochs"] >= variant["epochs"]
+    assert len(results["levers"]) == 8
+    assert len(results["summary"]) == len(results["clean_models"]) - len(variant["runs"]) + 1
+    # the worst case over every attack can only fall when APGD joins it, and is below each attack alone
+    for name, scores in results["apgd"]["models"].items():
+        assert scores["worst_case"] <= min(
+            scores["worst_case_without_apgd"], scores["apgd_ce"], scores["pgd"]
+        ), name
+    assert (
+        results["adversarial"]["worst_case_with_apgd"]
+        == results["apgd"]["models"]["adversarially trained"]["worst_case"]
+    )
 
 
 @pytest.mark.notebook
