@@ -36,7 +36,8 @@ QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")  # the child processes: no Te
 # name -> (class, constructor options, fit epochs); "init_from": "<probe>" starts from that probe's
 # trained weights. Small networks and data: the point is the code path, not the accuracy. The probes
 # switch on every option the committed entries use (a test checks it), and only options the old code
-# knows: weight averaging (ema_momentum) joined them after it served to re-stamp the cache since b1a6b4c.
+# knows: weight averaging (ema_momentum) joined them after it served to re-stamp the cache since b1a6b4c,
+# SAM on a fraction of the steps (the "sam_fraction" probe) after it served since ae0729d.
 SMALL = dict(num_blocks=2, feature_maps=8, num_classes=4, batch_size=16)
 CNN = dict(SMALL, batch_norm=True, is_augmentation=True, lr_schedule="cosine", learning_rate=1e-3)
 PROBES = {
@@ -64,6 +65,7 @@ PROBES = {
         3,
     ),
     "sam": ("YourModel", dict(CNN, patience=3, sam_rho=0.05), 2),
+    "sam_fraction": ("YourModel", dict(CNN, patience=3, sam_rho=0.05, sam_fraction=0.5), 2),
 }
 
 
