@@ -28,6 +28,7 @@ def animals_dir():
     return path if has_images else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """One xdist group per test module. The quick-profile test of Part N in test_foundation.py joins
     test_partN.py's group, whose tests use the same run: each notebook is executed once per session."""
