@@ -2,6 +2,7 @@
 # idempotent: a second call reuses .venv and the data.
 #
 #   make run          set up, execute the notebooks in the full profile in place, export HTML, update README
+#                     (reusing cached trainings and evaluations; FRESH=evaluations or FRESH=all recomputes)
 #   make test         set up, then lint, then pytest
 #   make test-fast    set up, then the unit tests alone (no notebook runs, nothing slow)
 #   make lint         ruff check and ruff format --check
@@ -67,8 +68,12 @@ animals:
 
 # --- the two commands ---------------------------------------------------------------------------
 
+# FRESH: "" reuses every cached training and evaluation, "evaluations" recomputes what is measured on the
+# models, "all" retrains every model too (see README, "The experiment cache")
+FRESH ?=
+
 run: venv data
-	PYTHON=$(PY) bash export_html.sh --execute
+	PYTHON=$(PY) FRESH=$(FRESH) bash export_html.sh --execute
 	python3 tools/render_readme.py
 
 test: ANIMALS_OPTIONAL := 1

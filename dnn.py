@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from tensorflow import keras
 
 NUM_CLASSES = 10
@@ -114,6 +115,28 @@ def build_mlp(n1, n2, act, initializer="glorot_uniform"):
         ],
         name=f"mlp_{n1}_{n2}_{act}",
     )
+
+
+class LabelSmoothingCrossEntropy(keras.losses.Loss):
+    """Cross-entropy against the smoothed targets (1 - alpha) * y_true + alpha / K, from logits
+    (Question 2.6). y_true: (batch, K) one-hot; y_pred: (batch, K) logits. Per example:
+    -sum_k target_k * log_softmax(y_pred)_k."""
+
+    def __init__(self, alpha=0.1, name="label_smoothing_cross_entropy", **kwargs):
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+        super().__init__(name=name, **kwargs)
+        self.alpha = float(alpha)
+
+    def call(self, y_true, y_pred):
+        logits = tf.convert_to_tensor(y_pred)
+        y_true = tf.cast(y_true, logits.dtype)
+        num_classes = tf.cast(tf.shape(y_true)[-1], logits.dtype)
+        targets = (1.0 - self.alpha) * y_true + self.alpha / num_classes
+        return -tf.reduce_sum(targets * tf.nn.log_softmax(logits, axis=-1), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha}
 
 
 def one_hot(labels):

@@ -22,16 +22,22 @@ a changed constant, operation or default marks it stale. Usage::
 
 import argparse
 import ast
+import base64
 import contextlib
+import dataclasses
+import datetime
 import functools
 import hashlib
 import importlib
 import inspect
 import io
 import json
+import os
+import subprocess
 import sys
 import time
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,20 +178,11 @@ def _value_text(value, reached):
     return f"<{type(value).__module__}.{type(value).__qualname__}>"  # e.g. a cache: its contents don't count
 
 
-@functools.cache  # the sources are read once per process, so the fingerprint cannot change in it
-def code_fingerprint(network_class):
-    """sha256 of the meaning of the code that trains an instance of ``network_class``.
-
-    Starting from the methods of ``network_class`` (and of its project base classes) that the cache
-    calls (``__init__``, ``get_config``, ``build_cnn``, ``fit``, ``save``), it follows every name
-    that this code reads: ``self.x`` to the methods and class constants of that name in the class
-    hierarchy, a global name to the project function, class or module-level constant it denotes
-    (a class is taken whole: Keras calls its methods by itself), ``module.name`` likewise. Each
-    function or class counts as its syntax tree without docstrings, comments or layout, keyed by its
-    qualified name (not its module, so moving it keeps the key); a constant counts as its value.
-    """
-    hierarchy = [c for c in network_class.__mro__ if _is_project(c)]
-    parts, seen_members, queue = {}, set(), []
+def _code_parts(hierarchy=(), members=(), roots=()):
+    """{label: text} of the code reached from ``members`` (names looked up in the classes of
+    ``hierarchy``, e.g. "fit") and from ``roots`` (project functions or classes), following every name
+    the code reads (see ``code_fingerprint``)."""
+    parts, seen_members, queue = {}, set(), list(roots)
 
     def reach_member(name):
         if name in seen_members:
@@ -201,9 +198,8 @@ def code_fingerprint(network_class):
                 else:
                     parts[f"{cls.__qualname__}.{name}"] = _value_text(attribute, queue)
 
-    for name in ("__init__", "get_config", "build_cnn", "fit", "save"):
+    for name in members:
         reach_member(name)
-    reach_member("CONFIG_KEYS")
     while queue:
         obj = queue.pop()
         label = obj.__qualname__
@@ -215,8 +211,8 @@ def code_fingerprint(network_class):
             parts[label + " bases"] = ",".join(b.__qualname__ for b in obj.__mro__[1:])
             queue.extend(b for b in obj.__mro__[1:] if _is_project(b))
         namespace = vars(sys.modules[obj.__module__])
-        globals_, members = _names(tree)
-        for member in members:
+        globals_, members_read = _names(tree)
+        for member in members_read:
             reach_member(member)
         for chain in sorted(globals_):
             if chain[0] not in namespace:
@@ -237,7 +233,35 @@ def code_fingerprint(network_class):
                     queue.append(value)
             elif not callable(value):
                 parts[f"constant {label}"] = _value_text(value, queue)
+    return parts
+
+
+def _digest(parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache  # the sources are read once per process, so the fingerprint cannot change in it
+def code_fingerprint(network_class):
+    """sha256 of the meaning of the code that trains an instance of ``network_class``.
+
+    Starting from the methods of ``network_class`` (and of its project base classes) that the cache
+    calls (``__init__``, ``get_config``, ``build_cnn``, ``fit``, ``save``), it follows every name
+    that this code reads: ``self.x`` to the methods and class constants of that name in the class
+    hierarchy, a global name to the project function, class or module-level constant it denotes
+    (a class is taken whole: Keras calls its methods by itself), ``module.name`` likewise. Each
+    function or class counts as its syntax tree without docstrings, comments or layout, keyed by its
+    qualified name (not its module, so moving it keeps the key); a constant counts as its value.
+    """
+    hierarchy = [c for c in network_class.__mro__ if _is_project(c)]
+    members = ("__init__", "get_config", "build_cnn", "fit", "save", "CONFIG_KEYS")
+    return _digest(_code_parts(hierarchy, members))
+
+
+@functools.cache
+def function_fingerprint(function):
+    """sha256 of the meaning of a project function (or class) and of every project function, class and
+    constant it reaches, by the rules of ``code_fingerprint``: what an evaluation's key counts of its code."""
+    return _digest(_code_parts(roots=[function]))
 
 
 def data_fingerprint(data_manager):
@@ -346,7 +370,13 @@ class ExperimentCache:
                 raise FileNotFoundError(
                     f"{name}: the cache entry {self.record_path(name)} is current but its model "
                     f"{self.model_path(name)} is missing; put the model file back (e.g. from the project's "
-                    "models/ folder) or retrain with force=True (FORCE_RETRAIN = True in the notebook)."
+                    'models/ folder) or retrain with force=True (FRESH = "all" in the notebook).'
+                )
+            problem = model_file_problem(self.model_path(name), record)
+            if problem:
+                raise ValueError(
+                    f"{name}: {problem}; restore the committed file (git checkout -- "
+                    f'{self.model_path(name)}) or retrain with force=True (FRESH = "all" in the notebook).'
                 )
             network.load(self.model_path(name))
             network.history, network.best_epoch = record["history"], record["best_epoch"]
@@ -374,6 +404,8 @@ class ExperimentCache:
             epochs_run=len(network.history["loss"]),
             best_epoch=network.best_epoch,
             log=log.getvalue(),
+            model_sha256=file_sha256(self.model_path(name)),
+            **provenance(),
         )
         write_json(record, self.record_path(name))
         self.trained.append(name)
@@ -429,8 +461,9 @@ class ExperimentCache:
             reasons = stale_reasons(record, parts)
             if not reasons and record["key"] != key_of(parts):
                 reasons = ["key"]
-            if not self.model_path(name).exists():
-                reasons.append("model file missing")
+            problem = model_file_problem(self.model_path(name), record)
+            if problem:
+                reasons.append(problem)
             report.append((name, reasons))
         return report
 
@@ -465,6 +498,43 @@ class _Tee(io.StringIO):
         self.stream.flush()
 
 
+def model_file_problem(path, record):
+    """None when the model file of a cache entry is there and holds what the entry recorded (its sha256),
+    else what is wrong with it, in a few words: "model file missing" or "model file changed (...)"."""
+    if not Path(path).exists():
+        return "model file missing"
+    recorded = record.get("model_sha256")
+    if recorded is None:
+        return "model file not recorded (no sha256 in the entry)"
+    if file_sha256(path) != recorded:
+        return f"model file changed ({path} is not the file the entry recorded: damaged or replaced)"
+    return None
+
+
+def provenance():
+    """When and from which commit a result is computed: {"computed_at": UTC time, "commit": the short
+    hash of HEAD, "+changes" when tracked files differ from it; None outside a git checkout}."""
+    return {
+        "computed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _head_commit(),
+    }
+
+
+@functools.cache
+def _head_commit():
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
 def network_of(cls, config):
     """An (unbuilt) ``cls`` network with the recorded configuration ``config`` (``run_config``'s)."""
     return cls(**{key: value for key, value in config.items() if key in cls.CONFIG_KEYS})
@@ -481,6 +551,346 @@ def stale_reasons(record, parts):
         if json.dumps(recorded[part], sort_keys=True, default=str)
         != json.dumps(parts[part], sort_keys=True, default=str)
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluations: what is computed from trained models
+# --------------------------------------------------------------------------------------------------
+EVALUATION_LIBRARIES = ("tensorflow", "keras", "numpy", "adversarial-robustness-toolbox")
+
+
+def evaluation_versions():
+    """The libraries whose versions an evaluation's key counts, and the oneDNN instruction-set pin
+    (``ONEDNN_MAX_CPU_ISA``, None when unset), which changes the rounding of what TensorFlow computes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in EVALUATION_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return dict(versions, ONEDNN_MAX_CPU_ISA=os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+_ARRAY_DIGESTS = {}  # id(array) -> (weak reference, digest): a large array is hashed once per process
+
+
+def array_digest(array):
+    """``joblib.hash`` of an array (its dtype, shape and bytes). The arrays an evaluation reads (images,
+    labels) are never changed in place, so the digest of one array object is computed once."""
+    import joblib
+
+    known = _ARRAY_DIGESTS.get(id(array))
+    if known is not None and known[0]() is array:
+        return known[1]
+    digest = joblib.hash(array)
+    try:
+        _ARRAY_DIGESTS[id(array)] = (weakref.ref(array), digest)
+    except TypeError:  # an object without weak references: hashed at every call
+        pass
+    return digest
+
+
+def weights_digest(model):
+    """``joblib.hash`` of a Keras model's weights (every variable, in order): the model's content, the
+    same for a network in memory and the same network loaded from its ``.h5``."""
+    import joblib
+
+    return joblib.hash([w for w in model.get_weights()])
+
+
+def _is_keras_model(value):
+    return hasattr(value, "get_weights") and hasattr(value, "layers") and callable(value)
+
+
+def _qualified(obj):
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def describe(value, code):
+    """A JSON-able description of an evaluation's argument ``value``, for its key: a Keras model by its
+    weights (``weights_digest``), an array or tensor by ``array_digest``, a number or string as itself,
+    lists, tuples, dicts and dataclasses item by item, a Keras object with a ``get_config`` (a loss) by its
+    class and configuration. A project function or class (an attack passed to an evaluation, a loss
+    defined in the project) is named, and the fingerprint of its code goes into ``code``
+    ({"module:qualname": sha256}). Anything else is a TypeError: an argument the key cannot see."""
+    import numpy as np
+
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return {"scalar": value.item(), "dtype": str(value.dtype)}
+    if _is_keras_model(value):
+        return {"model": weights_digest(value)}
+    if isinstance(value, np.ndarray) or hasattr(value, "numpy"):
+        return {"array": array_digest(np.asarray(value))}
+    if isinstance(value, list | tuple):
+        return [describe(item, code) for item in value]
+    if isinstance(value, dict):
+        return {
+            str(key): describe(item, code) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))
+        }
+    if inspect.isfunction(value) or inspect.isclass(value):
+        if not _is_project(value):
+            return {"function": _qualified(value)}
+        code[_qualified(value)] = function_fingerprint(value)
+        return {"function": _qualified(value)}
+    cls = type(value)
+    if _is_project(cls):
+        code[_qualified(cls)] = function_fingerprint(cls)
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: describe(getattr(value, f.name), code) for f in dataclasses.fields(value)}
+        return {"dataclass": _qualified(cls), "fields": fields}
+    if hasattr(value, "get_config"):
+        return {"object": _qualified(cls), "config": describe(value.get_config(), code)}
+    raise TypeError(f"an evaluation's key cannot describe an argument of type {_qualified(cls)}: {value!r}")
+
+
+def encode(value, save):
+    """A JSON-able copy of an evaluation's result that ``decode`` turns back into an equal value: arrays
+    exactly (bool arrays packed eight to a byte), NumPy scalars with their dtype, tuples and dicts with
+    non-string keys tagged, dataclasses field by field, and a Keras model as ``save(model)`` records it
+    (its file's path and sha256)."""
+    import numpy as np
+
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.ndarray | np.generic):
+        array = np.asarray(value)
+        raw = np.packbits(array).tobytes() if array.dtype == bool else array.tobytes()
+        return {
+            "__ndarray__": str(array.dtype),
+            "shape": list(array.shape),
+            "data": base64.b64encode(raw).decode(),
+        }
+    if _is_keras_model(value):
+        return save(value)
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(item, save) for item in value]}
+    if isinstance(value, list):
+        return [encode(item, save) for item in value]
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: encode(item, save) for key, item in value.items()}
+        return {"__items__": [[encode(k, save), encode(v, save)] for k, v in value.items()]}
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: encode(getattr(value, f.name), save) for f in dataclasses.fields(value)}
+        return {"__dataclass__": _qualified(type(value)), "fields": fields}
+    raise TypeError(f"an evaluation's result cannot hold a {_qualified(type(value))}: {value!r}")
+
+
+class CorruptRecord(ValueError):
+    """A record that cannot be decoded (damaged, or a model file it names missing or changed)."""
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def decode(value, root):
+    """The inverse of ``encode`` (model paths relative to ``root``); CorruptRecord when a part is damaged."""
+    import numpy as np
+
+    if isinstance(value, list):
+        return [decode(item, root) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__ndarray__" in value:
+        dtype, shape = np.dtype(value["__ndarray__"]), tuple(value["shape"])
+        raw = np.frombuffer(base64.b64decode(value["data"]), dtype=np.uint8 if dtype.kind == "b" else dtype)
+        count = int(np.prod(shape))
+        if dtype.kind == "b":
+            raw = np.unpackbits(raw)[:count].astype(bool)
+        if raw.size != count:
+            raise CorruptRecord(f"an array of {raw.size} values where its shape {shape} needs {count}")
+        array = raw.reshape(shape).copy()
+        return array[()] if shape == () else array
+    if "__keras_model__" in value:
+        import keras
+
+        path = Path(root) / value["__keras_model__"]
+        if not path.exists() or file_sha256(path) != value["sha256"]:
+            raise CorruptRecord(f"its model file {path} is missing or not the recorded one")
+        return keras.models.load_model(path, compile=False)
+    if "__tuple__" in value:
+        return tuple(decode(item, root) for item in value["__tuple__"])
+    if "__items__" in value:
+        return {_hashable(decode(k, root)): decode(v, root) for k, v in value["__items__"]}
+    if "__dataclass__" in value:
+        module, qualname = value["__dataclass__"].split(":")
+        cls = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+        return cls(**{name: decode(item, root) for name, item in value["fields"].items()})
+    return {key: decode(item, root) for key, item in value.items()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Where an evaluation's result came from: its record's name, the seconds it took when computed,
+    when and from which commit it was computed, and whether this call reused it."""
+
+    name: str
+    seconds: float
+    computed_at: str
+    commit: str | None
+    reused: bool
+
+
+class EvaluationCache:
+    """Computes what is measured on trained models once and reuses it while its key matches.
+
+    ``cache(fn, *args, **kwargs)`` returns ``fn(*args, **kwargs)``: computed and recorded the first time,
+    read back from the record afterwards. The key (see ``evaluation_parts``) counts the meaning of
+    ``fn``'s code and of every project function it reaches or is passed (``function_fingerprint``), every
+    argument (a model by its weights, an array by its digest), and the library versions. A record is
+    ``<folder>/results/evaluations/<namespace>/<fn name>/<inputs digest>.json``, written atomically once
+    the evaluation has finished (an interrupted evaluation leaves none); one whose key no longer matches,
+    or that cannot be read or decoded, is computed again, never trusted. Models in a result (a training
+    run's network) are saved beside it under ``<folder>/models/<namespace>/``. The same evaluation asked
+    twice in one process is computed once. ``force``: compute every evaluation again.
+    """
+
+    def __init__(self, folder, namespace, force=False):
+        self.folder = Path(folder)
+        self.namespace = namespace
+        self.force = force
+        self.reused, self.computed = [], []
+        self._memo = {}
+
+    def __call__(self, fn, *args, **kwargs):
+        return self.evaluate(fn, *args, **kwargs)[0]
+
+    def evaluate(self, fn, *args, unkeyed=None, **kwargs):
+        """(``fn(*args, **kwargs, **unkeyed)``, its ``Evaluation``). ``unkeyed``: keyword arguments that
+        only change what is shown while it runs (a progress bar's label), left out of the key."""
+        parts = evaluation_parts(fn, args, kwargs)
+        key = key_of_evaluation(parts)
+        name = f"{self.namespace}/{fn.__name__}/{_digest(parts['inputs'])[:16]}"
+        if key in self._memo:
+            return self._memo[key]
+        path = self.record_path(name)
+        record = None if self.force else _read_record(path)
+        if record is not None and record.get("key") == key:
+            try:
+                result = decode(record["result"], self.folder)
+            except (CorruptRecord, KeyError, ValueError, TypeError, OSError):
+                result = None
+            else:
+                self.reused.append(name)
+                self._memo[key] = answer = (result, self._evaluation(name, record, reused=True))
+                return answer
+        started = time.perf_counter()
+        result = fn(*args, **kwargs, **(unkeyed or {}))
+        seconds = time.perf_counter() - started
+        encoded = encode(result, self._model_saver(name))
+        record = dict(
+            function=_qualified(fn), key=key, key_parts=parts, seconds=seconds, **provenance(), result=encoded
+        )
+        write_json(record, path)
+        self.computed.append(name)
+        self._memo[key] = answer = (
+            decode(encoded, self.folder),
+            self._evaluation(name, record, reused=False),
+        )
+        return answer
+
+    def record_path(self, name):
+        return self.folder / "results" / "evaluations" / f"{name}.json"
+
+    def _model_saver(self, name):
+        """``save(model)`` for ``encode``: the models of record ``name``'s result go to
+        ``models/<name>/model<i>.h5`` (atomically), recorded by their path relative to the folder."""
+        saved = []
+
+        def save(model):
+            from storage import save_model
+
+            path = self.folder / "models" / name / f"model{len(saved)}.h5"
+            save_model(model, path)
+            saved.append(path)
+            return {"__keras_model__": str(path.relative_to(self.folder)), "sha256": file_sha256(path)}
+
+        return save
+
+    def records(self):
+        """{name: record} of every readable record of this cache's namespace (names sorted)."""
+        root = self.folder / "results" / "evaluations"
+        paths = sorted((root / self.namespace).rglob("*.json")) if (root / self.namespace).exists() else []
+        return {str(p.relative_to(root).with_suffix("")): _read_record(p) for p in paths}
+
+    def check(self):
+        """(name, what is wrong) for every record of the namespace: an empty list when it is current (the
+        code of every function it counts and the library versions as recorded, its models intact)."""
+        versions, report = evaluation_versions(), []
+        for name, record in self.records().items():
+            if record is None:
+                report.append((name, ["record unreadable"]))
+                continue
+            parts, reasons = record["key_parts"], []
+            for label, recorded in parts["code"].items():
+                module, qualname = label.split(":")
+                try:
+                    obj = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+                except (ImportError, AttributeError):
+                    reasons.append(f"{label} gone")
+                    continue
+                if function_fingerprint(obj) != recorded:
+                    reasons.append(f"code of {label} changed")
+            if parts["versions"] != versions:
+                reasons.append("versions changed")
+            for path, digest in _recorded_models(record["result"]):
+                if not (self.folder / path).exists() or file_sha256(self.folder / path) != digest:
+                    reasons.append(f"model file {path} missing or changed")
+            report.append((name, reasons))
+        return report
+
+    @staticmethod
+    def _evaluation(name, record, reused):
+        return Evaluation(name, record["seconds"], record["computed_at"], record["commit"], reused)
+
+
+def evaluation_parts(fn, args, kwargs):
+    """The key of ``fn(*args, **kwargs)``: ``function`` (its module and name), ``code`` ({"module:qualname":
+    fingerprint} of ``fn`` and of every project function or class among the arguments), ``inputs`` (the
+    arguments, described by ``describe``) and ``versions`` (``evaluation_versions``)."""
+    code = {_qualified(fn): function_fingerprint(fn)}
+    inputs = {"args": describe(list(args), code), "kwargs": describe(dict(kwargs), code)}
+    return {"function": _qualified(fn), "code": code, "inputs": inputs, "versions": evaluation_versions()}
+
+
+def key_of_evaluation(parts):
+    return _digest({part: parts[part] for part in ("function", "code", "inputs", "versions")})
+
+
+def _read_record(path):
+    """The JSON record at ``path``, or None when it is missing or unreadable (computed again)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _recorded_models(encoded):
+    """(path, sha256) of every model a record's result names."""
+    if isinstance(encoded, list):
+        return [found for item in encoded for found in _recorded_models(item)]
+    if not isinstance(encoded, dict):
+        return []
+    if "__keras_model__" in encoded:
+        return [(encoded["__keras_model__"], encoded["sha256"])]
+    return [found for item in encoded.values() for found in _recorded_models(item)]
+
+
+FRESH_CHOICES = ("", "evaluations", "all")
+
+
+def fresh_switch(fresh):
+    """The notebooks' ``FRESH`` parameter as (retrain, recompute): "" reuses every current training and
+    evaluation, "evaluations" recomputes every evaluation, "all" retrains every model and recomputes every
+    evaluation. Anything else is a ValueError naming the allowed values."""
+    if fresh not in FRESH_CHOICES:
+        raise ValueError(f"FRESH={fresh!r}; allowed: {', '.join(map(repr, FRESH_CHOICES))}.")
+    return fresh == "all", fresh in ("evaluations", "all")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,17 +925,36 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # the data manager prints per-class counts
         data = animals_data(args.animals, args.max_images)
     report = ExperimentCache(args.folder, data).check()
     for name, reasons in report:
-        print(f"{name}: {'current' if not reasons else 'stale (' + ', '.join(reasons) + ' changed)'}")
+        print(f"{name}: {'current' if not reasons else 'stale (' + ', '.join(map(_reason, reasons)) + ')'}")
     stale = sum(1 for _, reasons in report if reasons)
     print(f"{len(report)} entries, all current" if not stale else f"{len(report)} entries, {stale} stale")
-    return 0 if report and not stale else 1
+    evaluations = evaluation_report(args.folder)
+    for name, reasons in evaluations:
+        if reasons:  # the current ones are counted, not listed: there are many
+            print(f"evaluation {name}: stale ({', '.join(reasons)})")
+    stale_evaluations = sum(1 for _, reasons in evaluations if reasons)
+    print(
+        f"{len(evaluations)} evaluations, all current"
+        if not stale_evaluations
+        else f"{len(evaluations)} evaluations, {stale_evaluations} stale"
+    )
+    return 0 if report and not stale and not stale_evaluations else 1
+
+
+def _reason(reason):
+    """A stale reason as the command prints it: a key part "changed", a model file's problem as it is."""
+    return f"{reason} changed" if reason in KEY_PARTS else reason
+
+
+def evaluation_report(folder):
+    """``EvaluationCache.check`` over every namespace (sub-folder) of ``folder/results/evaluations``."""
+    root = Path(folder) / "results" / "evaluations"
+    namespaces = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    return [found for namespace in namespaces for found in EvaluationCache(folder, namespace).check()]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 # Without notebook arguments: the three parts, Assignment01_Part{1,2,3}_solution.ipynb; a part not written
 # yet is skipped with a message. By default nothing is re-executed: the HTML shows the outputs saved in the
 # notebook. --execute first runs each notebook top to bottom in the full profile with papermill and, only
-# when that succeeds, replaces the notebook with the executed one.
+# when that succeeds, replaces the notebook with the executed one. Executing reuses every cached training and
+# evaluation whose key still matches; FRESH=evaluations (in the environment) recomputes every evaluation, and
+# FRESH=all retrains every model too (passed to the notebooks that have a FRESH parameter).
 #
 # A notebook with a code cell that never ran, with cells run out of order, or with an error output is
 # refused (exit status 1, naming the notebook and the cell), so a broken notebook is never exported.
@@ -19,6 +21,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 execute=0
+case "${FRESH:-}" in
+    ""|evaluations|all) ;;
+    *) echo "export_html.sh: FRESH='$FRESH'; allowed: '' (reuse), 'evaluations', 'all'" >&2; exit 2 ;;
+esac
 notebooks=()
 for arg in "$@"; do
     case "$arg" in
@@ -42,7 +48,9 @@ if [ "$execute" = 1 ]; then
     for nb in "${notebooks[@]}"; do
         executed="$ROOT/runs/full/$(basename "$nb")"
         echo "executing $nb in the full profile"
-        if [ -f "$nb" ] && "$PYTHON" -m papermill "$nb" "$executed" -p PROFILE full -k python3 --cwd "$ROOT"; then
+        fresh=()
+        if [ -n "${FRESH:-}" ] && grep -q '"FRESH = ' "$nb"; then fresh=(-p FRESH "$FRESH"); fi
+        if [ -f "$nb" ] && "$PYTHON" -m papermill "$nb" "$executed" -p PROFILE full "${fresh[@]}" -k python3 --cwd "$ROOT"; then
             mv "$executed" "$nb"
             ready+=("$nb")
         else

@@ -25,7 +25,7 @@ from experiments import ExperimentCache, Run
 from models import DefaultModel
 from test_models_core import small_net, tiny_manager
 
-LIBRARY = ["models.py", "attacks.py", "training.py", "storage.py", "report.py", "experiments.py"]
+LIBRARY = ["models.py", "attacks.py", "training.py", "storage.py", "report.py", "experiments.py", "dnn.py"]
 TOP_LEVEL = re.compile(r"^(def |class |@|[A-Z_][A-Z0-9_]*(, [A-Z_][A-Z0-9_]*)* = )", re.M)
 
 
@@ -343,14 +343,16 @@ def test_check_command_on_the_committed_entries(edit, expected, tmp_path):
     proc = check_command(REPO_ROOT, library)
     lines = proc.stdout.strip().splitlines()
     count = len(list((REPO_ROOT / "results" / "cache").rglob("*.json")))
+    trainings = lines.index(next(line for line in lines if line.startswith(f"{count} entries")))
     if expected == "all current":
         assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-        assert lines[-1] == f"{count} entries, all current"
+        assert lines[trainings] == f"{count} entries, all current"
+        assert lines[-1].endswith("evaluations, all current")
     else:
         assert proc.returncode == 1
-        stale = [line for line in lines[:-1] if line.endswith("stale (code changed)")]
+        stale = [line for line in lines[:trainings] if line.endswith("stale (code changed)")]
         # every YourModel entry depends on the projection (adversarial validation); DefaultModel's do not
-        assert len(stale) == count - 2 and lines[-1] == f"{count} entries, {count - 2} stale"
+        assert len(stale) == count - 2 and lines[trainings] == f"{count} entries, {count - 2} stale"
 
 
 def test_restamp_probes_cover_every_option_the_committed_entries_use():
