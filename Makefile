@@ -7,6 +7,7 @@
 #   make lint         ruff check and ruff format --check
 #   make quick        every notebook in the quick profile into runs/quick/ (committed files untouched)
 #   make html         export the executed notebooks to Assignment01_PartN_output.html
+#   make student      after editing student.json: the notebooks' Student Information blocks, Part 1 re-executed
 #   make submission   <student id>_assignment01_solution.zip (STUDENT_ID=... overrides student.json)
 #   make readme       refresh the results table in README.md from results/*.json (tools/render_readme.py)
 
@@ -28,7 +29,7 @@ SUBMISSION_DIR ?= .
 TEST_WORKERS ?= 2
 SUBMISSION_ZIP = $(SUBMISSION_DIR)/$(STUDENT_ID)_assignment01_solution.zip
 
-.PHONY: help venv data fashion-mnist animals run test test-fast lint quick html submission check-student-id readme
+.PHONY: help venv data fashion-mnist animals run test test-fast lint quick html student submission check-student-id readme
 
 help:
 	@grep '^#   make ' Makefile | cut -c2-
@@ -68,6 +69,7 @@ animals:
 # --- the two commands ---------------------------------------------------------------------------
 
 run: venv data
+	$(PY) tools/personalise.py --blocks $(NOTEBOOKS)
 	PYTHON=$(PY) bash export_html.sh --execute
 	python3 tools/render_readme.py
 
@@ -97,6 +99,12 @@ quick: venv data
 
 html: venv
 	PYTHON=$(PY) bash export_html.sh
+
+# After editing student.json: its details into every notebook's Student Information block (a Markdown cell),
+# and Part 1, whose Question 1.3 draws its weights from the student ID, re-executed in the full profile
+# (tools/personalise.py). No training, no attack: under two minutes.
+student: venv
+	@$(PY) tools/personalise.py $(NOTEBOOKS)
 
 check-student-id:
 	@case "$(STUDENT_ID)" in \

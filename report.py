@@ -24,8 +24,9 @@ def start_notebook(profile, output_dir="", student_id=None):
 
     Checks ``profile`` ("full": the assignment's settings, written into the project; "quick": tiny
     subsets, written into runs/quick/) and student.json (``read_student``; ``student_id``, if given,
-    replaces the file's ID after the same check), silences TensorFlow's start-up logging, creates the output
-    folders and shows the Student Information block from student.json. Returns a namespace with ``out``,
+    replaces the file's ID after the same check), silences TensorFlow's start-up logging and creates the
+    output folders. The Student Information block is a Markdown cell of the notebook, written from
+    student.json by tools/personalise.py (`make student`), not an output. Returns a namespace with ``out``,
     ``results`` and ``models`` (Paths) and ``student`` (dict). Raises ValueError for an unknown profile or
     a bad student.json or ID, and FileNotFoundError for a missing student.json, before the slow
     TensorFlow import.
@@ -40,25 +41,13 @@ def start_notebook(profile, output_dir="", student_id=None):
     paths = SimpleNamespace(out=out, results=out / "results", models=out / "models", student=student)
     for folder in (paths.results, paths.models):
         folder.mkdir(parents=True, exist_ok=True)
-    from IPython.display import Markdown, display
-
-    s = paths.student
-    display(
-        Markdown(
-            f"""## Student Information
-**Surname:** {s["surname"]} <br>
-**Firstname:** {s["first_name"]} <br>
-**Student ID:** {s["student_id"]} <br>
-**Email:** {s["email"]} <br>
-**Your tutorial time:** {s["tutorial_time"]}"""
-        )
-    )
     return paths
 
 
 STUDENT_KEYS = ("surname", "first_name", "student_id", "email", "tutorial_time")
 # What a text field of student.json may not hold, and why: the notebooks' Markdown (MathJax) reads "$" and
 # "\\" as the start of a formula, and a line break or other control character would split the block's line.
+# Every other character is shown as typed (tools/personalise.py escapes what Markdown and HTML would read).
 NOT_IN_TEXT = {
     "$": "a formula delimiter in the notebooks' Markdown",
     "\\": "a formula and escape character in the notebooks' Markdown",

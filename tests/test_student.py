@@ -1,10 +1,24 @@
-"""student.json is read strictly: a missing file or a bad value is one line naming it and what is allowed."""
+"""student.json is read strictly (a missing file or a bad value is one line naming it and what is allowed),
+and the Student Information block that `make student` writes from it shows every value exactly as typed."""
 
+import html
 import json
+import re
+import string
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nbconvert.filters.markdown_mistune import markdown2html_mistune
 
+from conftest import REPO_ROOT
 from report import read_student
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+from personalise import student_block  # noqa: E402
 
 STUDENT = {
     "surname": "Nguyễn",
@@ -13,6 +27,13 @@ STUDENT = {
     "email": "thi_anh.nguyen@student.monash.edu",
     "tutorial_time": "Wed 10:00 & 14:00 <Lab *3*>",
 }
+LABELS = {
+    "Surname": "surname",
+    "Firstname": "first_name",
+    "Student ID": "student_id",
+    "Email": "email",
+    "Your tutorial time": "tutorial_time",
+}
 
 
 def write_student(folder, student=None, text=None):
@@ -20,6 +41,23 @@ def write_student(folder, student=None, text=None):
     path = folder / "student.json"
     path.write_text(text if text is not None else json.dumps(student, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def shown(rendered_html):
+    """What a reader sees of a rendered Student Information block: {student.json key: text}, tags dropped,
+    entities decoded, white space collapsed as a browser does."""
+    lines = re.sub(r"<br\s*/?>|</h\d>|</p>", "\n", rendered_html)  # where a browser breaks the line
+    text = html.unescape(re.sub(r"<[^>]+>", "", lines))
+    fields = [line.split(":", 1) for line in text.splitlines() if ":" in line]
+    return {LABELS[label]: " ".join(value.split()) for label, value in fields if label in LABELS}
+
+
+def typed(student):
+    """``student``'s values as text, white space collapsed (what ``shown`` should give back)."""
+    return {key: " ".join(str(value).split()) for key, value in student.items()}
+
+
+# --- student.json: bad input is one line; the rest is shown as typed ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -76,3 +114,22 @@ def test_an_id_in_quotes_is_read_as_the_number(tmp_path):
     assert (
         read_student(write_student(tmp_path, {**STUDENT, "student_id": "31415926"}))["student_id"] == 31415926
     )
+
+
+def test_markdown_and_html_characters_and_accents_are_shown_as_typed(tmp_path):
+    student = read_student(write_student(tmp_path, STUDENT))
+    assert student == STUDENT
+    assert shown(markdown2html_mistune(student_block(student))) == typed(STUDENT)
+
+
+ALLOWED = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="$\\")
+MARKUP = st.sampled_from([c for c in string.punctuation if c not in "$\\"])  # what Markdown and HTML read
+
+
+@given(st.text(st.one_of(MARKUP, ALLOWED), min_size=1).filter(str.strip))
+def test_any_accepted_text_is_shown_as_typed(value):
+    """Whatever text read_student accepts in a field, the rendered block shows it unchanged."""
+    entered = {**STUDENT, "surname": value, "tutorial_time": value}
+    with tempfile.TemporaryDirectory() as folder:
+        student = read_student(write_student(Path(folder), entered))
+    assert shown(markdown2html_mistune(student_block(student))) == typed(entered)

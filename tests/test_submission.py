@@ -114,7 +114,8 @@ def test_part2_setup_runs_in_the_unzipped_submission(unzipped, tmp_path):
         unzipped / "Assignment01_Part2_solution.ipynb", unzipped, tmp_path / "Part2.ipynb", until="set_seed"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Student Information" in text_of(executed)
+    (block,) = [c for c in executed.cells if "student-info" in c.metadata.get("tags", [])]
+    assert block.cell_type == "markdown" and "Student Information" in block.source
 
 
 def test_part3_setup_reuses_the_first_experiment_in_the_unzipped_submission(unzipped, animals, tmp_path):
