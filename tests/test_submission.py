@@ -21,12 +21,14 @@ pytestmark = pytest.mark.notebook
 
 @pytest.fixture(scope="module")
 def submission(tmp_path_factory):
-    """(the zip, what `make submission` printed), built in a copy of the committed project."""
+    """(the zip, what `make submission EXAMPLE=1` printed), built in a copy of the committed project (whose
+    student.json holds the template's placeholders)."""
     project = tmp_path_factory.mktemp("project")
     checkout_copy(project)
     (project / ".venv").symlink_to(Path(sys.prefix))
     out = tmp_path_factory.mktemp("zip")
-    proc = run(["make", "-s", "--no-print-directory", "submission", f"SUBMISSION_DIR={out}"], cwd=project)
+    make = ["make", "-s", "--no-print-directory", "submission", "EXAMPLE=1", f"SUBMISSION_DIR={out}"]
+    proc = run(make, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (archive,) = out.glob("*_assignment01_solution.zip")
     return archive, proc.stdout
