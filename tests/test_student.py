@@ -7,6 +7,7 @@ builds is named for that student and shows them everywhere, Part 1's Question 1.
 import html
 import json
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -263,6 +264,20 @@ def test_the_zip_is_named_for_the_student_and_shows_them_everywhere(journey):
     part1 = nbformat.read(journey.unzipped / NOTEBOOKS[0], as_version=4)
     printed = "".join(o.get("text", "") for c in part1.cells if c.cell_type == "code" for o in c.outputs)
     assert "student ID 31415926" in printed and "student ID 1234" not in printed
+
+
+@pytest.mark.notebook
+def test_the_printed_html_shows_the_student(journey, tmp_path):
+    """Part 1's HTML printed to PDF as a marker prints it (headless Chromium), read with pdftotext."""
+    chromium = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    if not (chromium and shutil.which("pdftotext")):
+        pytest.skip("needs Chromium and pdftotext (Debian: chromium-headless-shell, poppler-utils)")
+    page, pdf = journey.unzipped / NOTEBOOKS[0].replace("_solution.ipynb", "_output.html"), tmp_path / "p.pdf"
+    printing = [chromium, "--headless", "--no-sandbox", "--no-pdf-header-footer", f"--print-to-pdf={pdf}"]
+    assert run([*printing, page.as_uri()], timeout=120).returncode == 0
+    text = run(["pdftotext", "-l", "1", str(pdf), "-"]).stdout
+    for label, key in LABELS.items():
+        assert f"{label}: {STUDENT[key]}" in text
 
 
 def column(vector):
