@@ -11,8 +11,8 @@ executing every notebook):
 2. Each notebook whose answers depend on the student ID (its `parameters` cell assigns STUDENT_ID: Part 1,
    whose Question 1.3 draws its weights from the ID) is executed top to bottom in the full profile with
    papermill, as `export_html.sh --execute` does. The notebook is replaced only when the run succeeds;
-   otherwise it and results/part*.json are left as they were, so that a notebook and its results always
-   come from one run.
+   otherwise its outputs and results/part*.json are left as they were, so that a notebook's outputs and
+   its results always come from one run.
 
 student.json is checked first (report.read_student): a bad value stops everything with one line naming it.
 `make submission` (tools/make_submission.py) refuses to build a zip while `problems` finds anything, and
@@ -128,7 +128,7 @@ def execute(path):
                 result.write_bytes(content)
     if not succeeded:
         sys.exit(
-            f"error: executing {path} failed; it and results/ are left as they were (the run: {executed})"
+            f"error: executing {path} failed; its outputs and results/ are as before (the run: {executed})"
         )
     os.replace(executed, path)
 
@@ -191,6 +191,22 @@ def problems(notebooks, example=False):
     return [line for line in found if line]
 
 
+def write_blocks(paths, source):
+    """Write the block ``source`` into each notebook of ``paths`` that does not show it yet, printing one
+    line per notebook; return the notebooks whose answers depend on the student ID."""
+    dependent = []
+    for path in paths:
+        notebook = nbformat.read(path, as_version=4)
+        if with_block(notebook, source):
+            write_notebook(notebook, path)
+            print(f"{path}: Student Information block written (a Markdown cell: nothing executed)")
+        else:
+            print(f"{path}: Student Information block already up to date")
+        if reads_student_id(notebook):
+            dependent.append(path)
+    return dependent
+
+
 def main(argv):
     """`make student`: write the block into every notebook given, re-execute those that read the student ID
     (unless --blocks), then check that everything agrees (``problems``); print one line per step."""
@@ -229,22 +245,6 @@ def main(argv):
         )
     else:
         print("next: make submission")
-
-
-def write_blocks(paths, source):
-    """Write the block ``source`` into each notebook of ``paths`` that does not show it yet, printing one
-    line per notebook; return the notebooks whose answers depend on the student ID."""
-    dependent = []
-    for path in paths:
-        notebook = nbformat.read(path, as_version=4)
-        if with_block(notebook, source):
-            write_notebook(notebook, path)
-            print(f"{path}: Student Information block written (a Markdown cell: nothing executed)")
-        else:
-            print(f"{path}: Student Information block already up to date")
-        if reads_student_id(notebook):
-            dependent.append(path)
-    return dependent
 
 
 if __name__ == "__main__":
