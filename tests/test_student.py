@@ -154,8 +154,9 @@ def make(root, *args):
 
 
 def error_lines(proc):
-    """The lines a refused command printed, make's own closing line left out."""
-    return [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    """The lines a refused command printed, make's own closing line ("make: ***", or "make[1]: ***" under
+    `make test`) left out."""
+    return [line for line in proc.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
 
 
 @pytest.fixture(scope="module")
