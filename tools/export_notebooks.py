@@ -3,17 +3,21 @@
     python tools/export_notebooks.py NOTEBOOK.ipynb ...
 
 X_solution.ipynb becomes X_output.html next to it. A notebook with a code cell that never ran, cells run
-out of order, or an error output is refused (named on stderr with its first problems) and not exported;
-the exit status is 1 when any notebook was refused or missing. In the HTML, a cell tagged `remove_input`
-shows its output only, and a cell tagged `remove_cell` is left out, as is papermill's `injected-parameters`
-cell (the `parameters` cell above it already shows the settings a reader can change). The HTML carries a
-print style (PRINT_CSS) so that a notebook printed to A4 shows every character of its code and text.
+out of order, or an error output is refused (named on stderr with its first problems) and not exported, as
+is a notebook beside a student.json whose Student Information block does not show exactly that file (or
+that file is bad; see tools/personalise.py); the exit status is 1 when any notebook was refused or missing.
+In the HTML, a cell tagged `remove_input` shows its output only, and a cell tagged `remove_cell` is left
+out, as is papermill's `injected-parameters` cell (the `parameters` cell above it already shows the
+settings a reader can change). The HTML carries a print style (PRINT_CSS) so that a notebook printed to A4
+shows every character of its code and text.
 """
 
 import json
 import os
 import sys
 from pathlib import Path
+
+from personalise import block_problem, read_student
 
 
 def problems(path):
@@ -36,6 +40,20 @@ def problems(path):
             if out.get("output_type") == "error":
                 found.append(f"{where} has an error output: {out.get('ename')}: {out.get('evalue')}")
     return found
+
+
+def student_problems(path):
+    """One line if the notebook ``path`` does not show the student.json beside it (or that file is bad);
+    nothing where there is no student.json beside it (a notebook outside a project)."""
+    student_file = path.parent / "student.json"
+    if not student_file.is_file():
+        return []
+    try:
+        student = read_student(student_file)
+    except ValueError as error:
+        return [str(error)]
+    problem = block_problem(path, student)
+    return [problem] if problem else []
 
 
 # Printed to A4 (a marker's print or "Save as PDF"), JupyterLab's style cuts code lines off at about 83
@@ -96,11 +114,12 @@ def main(paths):
             print(f"error: no notebook {path}", file=sys.stderr)
             status = 1
             continue
-        found = problems(path)
-        if found:
+        found, student = problems(path), student_problems(path)
+        if found or student:
             more = [f"... and {len(found) - 5} more"] if len(found) > 5 else []
-            print(f"refusing to export {path}:", *found[:5], *more, file=sys.stderr, sep="\n  ")
-            print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
+            print(f"refusing to export {path}:", *student, *found[:5], *more, file=sys.stderr, sep="\n  ")
+            if found:
+                print(f"  (execute it top to bottom: ./export_html.sh --execute {path})", file=sys.stderr)
             status = 1
             continue
         if exporter is None:  # nbconvert is slow to import: only when there is something to export

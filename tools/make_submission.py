@@ -1,6 +1,13 @@
 """Build the submission zip the assignment asks for (`make submission` calls it from the project root).
 
-    python tools/make_submission.py TARGET.zip NOTEBOOK.ipynb ...
+    python tools/make_submission.py [--example] FOLDER NOTEBOOK.ipynb ...
+
+writes FOLDER/<student_id>_assignment01_solution.zip, the ID from student.json. First, everything must agree
+with student.json (tools/personalise.py's `problems`), or the build is refused with one line per problem
+naming it and the command that fixes it: student.json missing or bad, or still holding the template's
+placeholders (accepted with --example, the committed example's build); a notebook whose Student
+Information block differs from it; Part 1's Question 1.3 computed for another student ID. So a zip named for
+one student never holds another's notebooks.
 
 The zip is the project cut down to what the notebooks need to run and to reuse their training, so that
 a marker can unzip it, add the Animals images and execute any notebook without retraining:
@@ -20,6 +27,7 @@ before anything is exported. Prints the files and the zip's size. Paths are rela
 folder; $PYTHON is passed on to export_html.sh.
 """
 
+import argparse
 import ast
 import hashlib
 import importlib.util
@@ -32,6 +40,7 @@ import zipfile
 from pathlib import Path
 
 import nbformat
+import personalise
 
 IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img[^>]*\ssrc=[\"']([^\"']+)[\"']")
 CACHE = Path("results") / "cache"
@@ -180,10 +189,19 @@ def results_and_models():
 
 
 def main(argv):
-    target, notebooks = Path(argv[0]), argv[1:]
+    parser = argparse.ArgumentParser(description="Build <student_id>_assignment01_solution.zip in FOLDER.")
+    parser.add_argument("--example", action="store_true", help="accept the template's placeholders")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("notebooks", nargs="+")
+    args = parser.parse_args(argv)
+    notebooks = args.notebooks
     missing = [nb for nb in notebooks if not Path(nb).is_file()]
     if missing:
-        sys.exit(f"error: cannot build {target}: missing {', '.join(missing)}")
+        sys.exit(f"error: cannot build the submission: missing {', '.join(missing)}")
+    refused = personalise.problems(notebooks, args.example)
+    if refused:
+        sys.exit("\n".join(f"error: cannot build the submission: {line}" for line in refused))
+    target = args.folder / f"{personalise.read_student()['student_id']}_assignment01_solution.zip"
     figures = [path for nb in notebooks for path in local_images(nb)]
     files = [*notebooks, *project_modules(notebooks), "student.json", "requirements.txt", *figures]
     data, problems = results_and_models()
@@ -211,6 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: python tools/make_submission.py TARGET.zip NOTEBOOK.ipynb ...")
     main(sys.argv[1:])
