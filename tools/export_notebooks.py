@@ -45,8 +45,10 @@ def problems(path):
 # Printed to A4 (a marker's print or "Save as PDF"), JupyterLab's style cuts code lines off at about 83
 # characters and moves a long text output whole to the next page, leaving the rest of the page blank. Here:
 # code and text at 10 px (a 120-character line fits the width, a longer one wraps instead of being cut),
-# narrower prompts, text outputs and tables free to continue on the next page; a figure stays whole.
+# narrower prompts, text outputs and tables free to continue on the next page; a figure stays whole. The page
+# is A4, the course's paper, whatever the browser's default (headless Chromium's is Letter).
 PRINT_CSS = """
+@page { size: A4; }
 @media print {
   :root { --jp-code-font-size: 10px; --jp-cell-prompt-width: 40px; }
   .jp-InputPrompt, .jp-OutputPrompt { font-size: 8px; }
