@@ -297,8 +297,13 @@ def compare(
     what the figures are (e.g. "validation accuracy"). The direction is "gain" or "loss" only when the
     test rejects equality at ``alpha``; otherwise "no measurable change". Returns a dict (JSON-ready,
     stored in ``results/partN.json``) with ``a``, ``b`` (the two figures: accuracies, or seed means),
-    ``difference``, ``test``, ``p_value``, ``significant``, ``direction`` and ``words``, e.g.
-    "a significant gain in validation accuracy of +0.040 (0.732 → 0.772; McNemar p = 0.003)".
+    ``difference``, ``test``, ``p_value``, ``detail`` (the discordant images, or the seeds),
+    ``significant``, ``direction`` and ``words``.
+
+    The words say each thing once, the test in a short parenthesis: "a gain, 0.132 → 0.207 (+0.075,
+    significant: McNemar p = 3.3e-14)", "no measurable change, 0.620 → 0.638 (+0.018, McNemar p = 0.24)".
+    They leave the metric (and a scope such as "2 seeds pooled") to the sentence around them, which names
+    it once ("under PGD-20, a gain, ..."; "on validation, no measurable change, ..."); the record keeps it.
     """
     paired = correct_a is not None and correct_b is not None and values_a is None and values_b is None
     seeds = values_a is not None and values_b is not None and correct_a is None and correct_b is None
@@ -328,11 +333,15 @@ def compare(
 def _comparison(label_a, label_b, metric, a, b, test_name, p_value, detail, alpha):
     significant = bool(p_value < alpha) and a != b
     direction = ("gain" if b > a else "loss") if significant else "no measurable change"
-    figures = f"{a:.3f} → {b:.3f}; {test_name} p = {p_value:.2g}, {detail}"
-    if significant:
-        words = f"a significant {direction} in {metric} of {b - a:+.3f} ({figures})"
+    if test_name == "one seed":
+        test = detail  # "no test with one seed"
     else:
-        words = f"no measurable change in {metric}: {b - a:+.3f} ({figures})"
+        shown = f"{p_value:.2g}"
+        if significant and float(shown) >= alpha:  # 0.0496 would read "p = 0.05" next to "significant"
+            shown = f"{p_value:.3g}"
+        test = f"{'significant: ' if significant else ''}{test_name} p = {shown}"
+    verdict = f"a {direction}" if significant else direction
+    words = f"{verdict}, {a:.3f} → {b:.3f} ({b - a:+.3f}, {test})"
     return dict(
         kind="comparison",
         a_label=label_a,

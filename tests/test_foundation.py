@@ -231,6 +231,41 @@ def test_export_adds_the_print_style_after_the_theme(tmp_path):
         with_print_style("<html><body>no head</body></html>")
 
 
+def text_outside_code(html):
+    """The text of an exported page's body that is not code: tags, <code>, <pre>, <script> and <style>
+    elements removed, entities decoded."""
+    import html as entities
+    import re
+
+    body = html[html.index("<body") :]
+    for element in ("script", "style", "pre", "code"):
+        body = re.sub(rf"<{element}\b.*?</{element}>", " ", body, flags=re.S)
+    return entities.unescape(re.sub(r"<[^>]*>", " ", body))
+
+
+def test_export_renders_math_as_mathml_without_mathjax(tmp_path):
+    """Offline, MathJax cannot load: every formula, in a Markdown cell or in the Markdown a code cell
+    displays, is MathML in the HTML itself; a `$` in code or escaped stays as written, and a formula that
+    cannot be converted shows as its source (with a warning naming it), never as `$...$`."""
+    prose = (
+        "Inline $\\epsilon = 0.03$ and `cost = $5 and $6` in code, \\$3 escaped; display:\n\n"
+        "$$\\hat y = \\arg\\max_k \\frac{e^{h_k}}{\\sum_j e^{h_j}}$$\n\n```\nprice = $7 + $8\n```"
+    )
+    shown = new_output("display_data", data={"text/markdown": "Output $x^2$, `echo $HOME`, bad $\\frac{1}{$"})
+    cells = [new_markdown_cell(prose), executed("display(Markdown(...))", 1, [shown], ["remove_input"])]
+    proc = export(notebook(tmp_path / "Math_solution.ipynb", cells))
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "Math_output.html").read_text()
+    assert "mathjax" not in html.lower()
+    assert html.count("<math ") == 3 and html.count('display="block"') == 1  # x^2, epsilon, the display
+    assert "<mfrac>" in html and "<msup><mi>x</mi><mn>2</mn></msup>" in html
+    assert "<code>cost = $5 and $6</code>" in html and "<code>echo $HOME</code>" in html
+    assert "price = $7 + $8" in html
+    assert '<code class="tex-source">\\frac{1}{</code>' in html and "\\\\frac{1}{" in proc.stderr
+    assert "\\arg" not in html  # latex2mathml lacks \arg: spelled \mathrm{arg}
+    assert text_outside_code(html).count("$") == 1 and "$3 escaped" in text_outside_code(html)
+
+
 def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cells(tmp_path):
     def printing(source_marker, output_marker, count, tags=()):
         """A cell whose source holds `source_marker` and whose output is `output_marker`."""
