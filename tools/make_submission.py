@@ -53,8 +53,8 @@ README = """\
 
 The notebooks ({notebooks}) are the solution, executed top to bottom in the full profile; the
 `*_output.html` files show the same as HTML. The Python modules beside them are the code the notebooks
-import; `models/` holds the {models} trained models, and `results/cache/` and `results/evaluations/` the records
-that let the notebooks reuse them, and what was measured on them, instead of computing for hours.
+import; `models/` holds the {models} trained models, and `results/cache/` and `results/evaluations/` the
+records that let the notebooks reuse them, and what was measured on them, instead of computing for hours.
 
 To run a notebook here (Python 3.11), install the pinned versions and give Part 3 the Animals images:
 
