@@ -231,7 +231,12 @@ def main():
             capture_output=True,
             text=True,
         )
-        print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr[-2000:])
+        totals = [
+            line
+            for line in check.stdout.splitlines()
+            if line.split(" ")[1:2] in (["entries,"], ["evaluations,"])
+        ]
+        print("\n".join(totals) if totals else check.stderr[-2000:])
         if check.returncode != 0:
             print(check.stdout)
             return 1
