@@ -351,7 +351,7 @@ def project(tmp_path):
     )
     (root / "results" / "part1.json").write_text(json.dumps({"q1_3": {"student_id": STUDENT["student_id"]}}))
     sha = hashlib.sha256(b"model").hexdigest()
-    record = {"key_parts": {"config": {"init_from_sha256": sha}}}
+    record = {"key_parts": {"config": {"initial_weights": {"sha256": sha}}}}
     (root / "results" / "cache" / "grid" / "Part3_rho0.05.json").write_text(json.dumps(record))
     (root / "figures").mkdir()
     (root / "figures" / "network.png").write_bytes(b"png")

@@ -178,8 +178,8 @@ def results_and_models():
         name = str(Path(record).relative_to(CACHE)).removesuffix(".json")  # names hold dots: "rho0.05"
         models.append(str(Path("models") / f"{name}.h5"))
         config = json.loads(Path(record).read_text()).get("key_parts", {}).get("config", {})
-        if "init_from_sha256" in config:
-            sources.append((record, config["init_from_sha256"]))
+        if config.get("initial_weights"):  # trained from a saved model, recorded by its sha256
+            sources.append((record, config["initial_weights"]["sha256"]))
     for result in results:
         for path in mentioned_models(json.loads(Path(result).read_text())):
             normal = os.path.normpath(path)
