@@ -314,8 +314,9 @@ class Run:
     """A trained network's record: where it is saved, its per-epoch history, the training time
     (seconds, as measured when it was trained), epochs run, the kept epoch (1-based, or None),
     whether it was loaded from the cache rather than trained by this call (always True for the
-    runs that ``ExperimentCache.entries`` lists) and what training printed (Keras's per-epoch log;
-    None for entries trained before logs were kept)."""
+    runs that ``ExperimentCache.entries`` lists), what training printed (Keras's per-epoch log; None for
+    entries trained before logs were kept), the recorded configuration (``run_config``'s: the options it
+    was trained with) and when and from which commit it was trained (``provenance``; None where unknown)."""
 
     name: str
     model_path: Path
@@ -325,6 +326,9 @@ class Run:
     best_epoch: int | None
     reused: bool
     log: str | None = None
+    config: dict | None = None
+    computed_at: str | None = None
+    commit: str | None = None
 
     @property
     def seconds_per_epoch(self):
@@ -431,6 +435,9 @@ class ExperimentCache:
             best_epoch=record["best_epoch"],
             reused=reused,
             log=record.get("log"),
+            config=record.get("key_parts", {}).get("config"),
+            computed_at=record.get("computed_at"),
+            commit=record.get("commit"),
         )
 
     def check(self, network_class_of=None):
