@@ -8,7 +8,8 @@
 #   make lint         ruff check and ruff format --check
 #   make quick        every notebook in the quick profile into runs/quick/ (committed files untouched)
 #   make html         export the executed notebooks to Assignment01_PartN_output.html
-#   make submission   <student id>_assignment01_solution.zip (STUDENT_ID=... overrides student.json)
+#   make student      after editing student.json: the notebooks' Student Information blocks, Part 1 re-executed
+#   make submission   <student id>_assignment01_solution.zip once all agrees with student.json (EXAMPLE=1: example)
 #   make readme       refresh the results table in README.md from results/*.json (tools/render_readme.py)
 
 SHELL := /bin/bash
@@ -23,13 +24,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 NOTEBOOKS := $(foreach n,1 2 3,Assignment01_Part$(n)_solution.ipynb)
-STUDENT_ID ?= $(shell python3 -c 'import json; print(json.load(open("student.json"))["student_id"])')
 SUBMISSION_DIR ?= .
 # pytest-xdist workers of `make test` (one per core of the 2-core machine)
 TEST_WORKERS ?= 2
-SUBMISSION_ZIP = $(SUBMISSION_DIR)/$(STUDENT_ID)_assignment01_solution.zip
 
-.PHONY: help venv data fashion-mnist animals run test test-fast lint quick html submission check-student-id readme
+.PHONY: help venv data fashion-mnist animals run test test-fast lint quick html student submission readme
 
 help:
 	@grep '^#   make ' Makefile | cut -c2-
@@ -73,6 +72,7 @@ animals:
 FRESH ?=
 
 run: venv data
+	$(PY) tools/personalise.py --blocks $(NOTEBOOKS)
 	PYTHON=$(PY) FRESH=$(FRESH) bash export_html.sh --execute
 	python3 tools/render_readme.py
 
@@ -103,18 +103,25 @@ quick: venv data
 html: venv
 	PYTHON=$(PY) bash export_html.sh
 
-check-student-id:
-	@case "$(STUDENT_ID)" in \
-	    ''|*[!0-9]*) echo "error: STUDENT_ID must be your numeric student ID, got '$(STUDENT_ID)' (set it in student.json or pass STUDENT_ID=12345678)" >&2; exit 1;; \
-	esac
+# After editing student.json: its details into every notebook's Student Information block (a Markdown cell),
+# and Part 1, whose Question 1.3 draws its weights from the student ID, re-executed in the full profile
+# (tools/personalise.py). No training, no attack: under two minutes.
+student: venv
+	@$(PY) tools/personalise.py $(NOTEBOOKS)
 
 # The zip the assignment asks for, ready to run as submitted: the three notebooks and their HTML exports
 # (made afresh by export_html.sh, which refuses a broken notebook), every module they import, student.json,
 # requirements.txt, results/ (figures and every cache record), every model those name, the images the
-# notebooks show and a README saying how to run it. Derived from the notebooks, records and results; refuses
-# a missing file before exporting anything, and prints the zip's size (tools/make_submission.py).
-submission: check-student-id venv
-	@PYTHON=$(PY) $(PY) tools/make_submission.py "$(SUBMISSION_ZIP)" $(NOTEBOOKS)
+# notebooks show and a README saying how to run it. Named for student.json's ID and refused, one line per
+# problem, while student.json holds the template's placeholders (unless EXAMPLE=1), a notebook's Student
+# Information block differs from it, or Part 1 was computed for another ID; derived from the notebooks,
+# records and results, it refuses a missing file before exporting anything, and prints the zip's size
+# (tools/make_submission.py).
+submission: venv
+	@if [ "$(origin STUDENT_ID)" = "command line" ]; then \
+	    echo "error: STUDENT_ID=$(STUDENT_ID) is not taken: the zip is named for student.json's ID; edit student.json, then run \`make student\`" >&2; exit 1; \
+	fi
+	@PYTHON=$(PY) $(PY) tools/make_submission.py $(if $(filter 1,$(EXAMPLE)),--example) "$(SUBMISSION_DIR)" $(NOTEBOOKS)
 
 readme:
 	python3 tools/render_readme.py

@@ -5,7 +5,7 @@ the three attacks as one function each (``fgsm_attack``, ``pgd_attack``, ``mim_a
 evaluation: ``robust_correct`` / ``robust_accuracy`` for one attack, ``evaluate_robustness`` for the
 whole report (clean, FGSM, PGD, MIM, PGD with more steps, random restarts, the worst case) and
 ``eps_curve``; last, AutoAttack's two gradient attacks through the adversarial-robustness-toolbox
-(``apgd_attack``, ``evaluate_apgd``: APGD-CE and APGD-T, with the DLR loss ``dlr_loss``).
+(``apgd_attack``: APGD-CE and APGD-T, with the DLR loss ``dlr_loss``; ``robust_correct`` evaluates them).
 
 Conventions: images are float32 arrays (N, H, W, C) with pixels in [-1, 1]; labels are (N,) integer
 class indices; a model maps images to (N, K) softmax probabilities. Every attack works in the
@@ -14,7 +14,6 @@ but APGD-T are untargeted and maximise the cross-entropy of the true label.
 """
 
 import functools
-import time
 import warnings
 import weakref
 
@@ -542,24 +541,3 @@ def apgd_attack(
             x_adv[start + idx] = points
             alive[idx[fooled]] = False
     return x_adv
-
-
-def evaluate_apgd(model, x, y, eps=0.0313, iterations=100, targets=9, seed=0, batch_size=500):
-    """Per-image robustness of ``model`` on (x, y) under AutoAttack's two gradient attacks (APGD-CE and
-    APGD-T with ``targets`` target classes, ``iterations`` steps, one random start each; see
-    ``apgd_attack``), in the form of ``evaluate_robustness``: an image counts as robust when the model
-    is right on the clean image and on the attacked one, so the masks of both functions combine by AND.
-
-    Returns ``(scores, masks, seconds)``: dicts ``"apgd_ce"``/``"apgd_t"`` -> accuracy in [0, 1],
-    (N,) bool mask (True: still right), and wall time of the attack in seconds.
-    """
-    _check_apgd_inputs(model, x, y, eps, iterations, "dlr", True, targets)  # before any work
-    settings = dict(apgd_ce=dict(loss="ce"), apgd_t=dict(loss="dlr", targeted=True, targets=targets))
-    masks, seconds = {}, {}
-    for name, kwargs in settings.items():
-        started = time.perf_counter()
-        masks[name] = robust_correct(
-            model, x, y, apgd_attack, batch_size, eps=eps, iterations=iterations, seed=seed, **kwargs
-        )
-        seconds[name] = time.perf_counter() - started
-    return {name: float(mask.mean()) for name, mask in masks.items()}, masks, seconds

@@ -314,8 +314,9 @@ class Run:
     """A trained network's record: where it is saved, its per-epoch history, the training time
     (seconds, as measured when it was trained), epochs run, the kept epoch (1-based, or None),
     whether it was loaded from the cache rather than trained by this call (always True for the
-    runs that ``ExperimentCache.entries`` lists) and what training printed (Keras's per-epoch log;
-    None for entries trained before logs were kept)."""
+    runs that ``ExperimentCache.entries`` lists), what training printed (Keras's per-epoch log; None for
+    entries trained before logs were kept), the recorded configuration (``run_config``'s: the options it
+    was trained with) and when and from which commit it was trained (``provenance``; None where unknown)."""
 
     name: str
     model_path: Path
@@ -325,6 +326,9 @@ class Run:
     best_epoch: int | None
     reused: bool
     log: str | None = None
+    config: dict | None = None
+    computed_at: str | None = None
+    commit: str | None = None
 
     @property
     def seconds_per_epoch(self):
@@ -431,6 +435,9 @@ class ExperimentCache:
             best_epoch=record["best_epoch"],
             reused=reused,
             log=record.get("log"),
+            config=record.get("key_parts", {}).get("config"),
+            computed_at=record.get("computed_at"),
+            commit=record.get("commit"),
         )
 
     def check(self, network_class_of=None):
@@ -468,12 +475,10 @@ class ExperimentCache:
         return report
 
     def recorded_network(self, cls, config):
-        """An unbuilt ``cls`` network with a recorded configuration (``run_config``'s); one trained from
-        saved weights starts from the model file of this cache with the recorded sha256 (None if gone)."""
-        network = network_of(cls, config)
-        if "init_from_sha256" in config:
-            network.init_from = self._model_with_sha256(config["init_from_sha256"])
-        return network
+        """An unbuilt ``cls`` network with a recorded configuration (``run_config``'s, of either scheme: see
+        ``network_of``); one trained from saved weights starts from the model file of this cache with the
+        recorded sha256 (its initial weights are off if there is none)."""
+        return network_of(cls, config, self._model_with_sha256)
 
     def _model_with_sha256(self, digest):
         """The path of a model file of this cache whose content has sha256 ``digest``, or None."""
@@ -535,9 +540,64 @@ def _head_commit():
     return head + ("+changes" if changed else "")
 
 
-def network_of(cls, config):
-    """An (unbuilt) ``cls`` network with the recorded configuration ``config`` (``run_config``'s)."""
-    return cls(**{key: value for key, value in config.items() if key in cls.CONFIG_KEYS})
+# YourModel's options as the configurations recorded before issue 30 name them: flat keywords, each now a
+# field of an option object (keyword -> {flat key: (field, its value when the option is off)}). An option is
+# on where its first key is (not None, 0 or absent); a key without a field only switches it on.
+FLAT_OPTIONS = {
+    "early_stopping": {"patience": ("patience", None), "patience_from": ("start_from_epoch", 0)},
+    "schedule": {"lr_schedule": (None, None), "warmup_epochs": ("warmup_epochs", 0)},
+    "weight_decay": {"weight_decay": ("rate", 0.0)},
+    "weight_averaging": {"ema_momentum": ("momentum", 0.0)},
+    "label_smoothing": {"label_smoothing": ("alpha", 0.0)},
+    "mixup": {"mixup_alpha": ("alpha", 0.0)},
+    "adversarial": {
+        "adv_eps": ("eps", 0.0),
+        "adv_k": ("steps", 10),
+        "adv_eta": ("step_size", 0.002),
+        "adv_val_k": ("validation_steps", 20),
+        "robust_tolerance": ("tolerance", 0.0),
+    },
+    "sam": {"sam_rho": ("rho", 0.0), "sam_fraction": ("fraction", 1.0)},
+    "initial_weights": {"init_from_sha256": ("sha256", None)},
+}
+
+
+def from_flat(config):
+    """A configuration recorded before issue 30 (``FLAT_OPTIONS``) as ``YourModel.get_config`` records it
+    now: each option's fields under its keyword, or None where the option is off (whose other keys never
+    counted). Any other configuration is returned as it is: one that holds no flat key but the two that are
+    keywords now too (``weight_decay``, ``label_smoothing``), and those with an option's fields or None."""
+    flat_keys = {key for keys in FLAT_OPTIONS.values() for key in keys}
+    if not any(
+        key in config
+        and (key not in FLAT_OPTIONS or not (config[key] is None or isinstance(config[key], dict)))
+        for key in flat_keys
+    ):
+        return config
+    nested = {key: value for key, value in config.items() if key not in flat_keys}
+    for keyword, keys in FLAT_OPTIONS.items():
+        switch, (_, off) = next(iter(keys.items()))
+        on = config.get(switch, off) not in (None, 0)
+        fields = {field: config.get(key, default) for key, (field, default) in keys.items() if field}
+        nested[keyword] = fields if on else None
+    return nested
+
+
+def network_of(cls, config, model_file=None):
+    """An (unbuilt) ``cls`` network with the recorded configuration ``config``: ``run_config``'s, or one
+    recorded before issue 30 (read through ``from_flat``). Each option is made again from its recorded fields;
+    initial weights, recorded by their file's content, start from ``model_file(sha256)``, the path of a model
+    file with that content, and are off where it gives None (the configuration then differs from the
+    record)."""
+    config, options = from_flat(config), {}
+    for keyword, kind in getattr(cls, "OPTIONS", {}).items():
+        fields = config.get(keyword)
+        if fields is not None and keyword == "initial_weights":
+            path = model_file(fields["sha256"]) if model_file else None
+            options[keyword] = kind(path) if path else None
+        elif fields is not None:
+            options[keyword] = kind(**fields)
+    return cls(**{key: value for key, value in config.items() if key in cls.CONFIG_KEYS}, **options)
 
 
 def stale_reasons(record, parts):

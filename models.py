@@ -4,12 +4,31 @@ Reads top to bottom:
 
 1. Data: ``SimplePreprocessor``, ``create_label_folder_dict``, ``AnimalsDatasetManager``.
 2. The course baseline: ``DefaultModel`` (build, fit, evaluate, plot, save/load).
-3. ``YourModel``: blocks with batch norm, skip connection and dropout, augmentation, early stopping,
-   and the training regularizers of Questions 3.7, 3.9 and 3.10 (mixup, PGD adversarial training,
-   SAM), which live in ``training.py``.
+3. ``YourModel``: blocks with batch norm, skip connection and dropout, augmentation, and its training
+   options: early stopping, the learning-rate schedule, weight decay and averaging, label smoothing,
+   initial weights, and the training regularizers of Questions 3.7, 3.9 and 3.10 (mixup, PGD
+   adversarial training, SAM), which live in ``training.py``.
 
 The attacks of Question 3.8 are in ``attacks.py``, the experiment cache in ``experiments.py``.
 Imports run one way: ``attacks`` <- ``training`` <- ``models`` <- ``experiments``.
+
+Options. ``YourModel`` takes the course's 17 arguments as the assignment gives them, then keyword options,
+each a small frozen object or None. None is off, and it is every option's default: no option is switched on,
+or given a value, by another argument (so Question 3.5's early stopping is written where its runs are made,
+``early_stopping=EarlyStopping(patience=3, start_from_epoch=30)``). A call reads as its recipe::
+
+    YourModel(..., is_augmentation=True, schedule=CosineSchedule(warmup_epochs=2),
+              early_stopping=EarlyStopping(patience=3, start_from_epoch=30), sam=SAM(rho=0.05))
+
+How to add an option: one object, one place. Write a frozen dataclass on ``training.Option`` whose
+``__post_init__`` checks each field with ``require`` (a one-line ValueError naming the value and what is
+allowed): here, or in ``training.py`` when the training step reads it. Add its keyword, with default None, to
+``YourModel.__init__`` and to ``YourModel.OPTIONS``, and read it where it acts (``_make_optimizer``,
+``_trainer``, ``_train_dataset``, ``_callbacks`` or ``build_cnn``): ``YourModel`` refuses anything else for
+that keyword, ``get_config`` records the object's fields under its keyword (the experiment cache's key) and
+``experiments.network_of`` makes it again from that record. Where Keras has the object, the option describes
+it and builds it for each fit (``EarlyStopping``, ``CosineSchedule``): Keras's own are stateful and need the
+run's length, so they cannot be made once, in the constructor.
 
 Conventions: images are float32 arrays of shape (N, H, W, C) with pixels in [-1, 1], RGB;
 labels are integer class indices of shape (N,); every network maps images to class
@@ -18,6 +37,7 @@ probabilities (softmax output).
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import cv2
 import matplotlib.pyplot as plt
@@ -30,7 +50,16 @@ from tensorflow.keras import layers
 
 from report import plot_histories
 from storage import file_sha256, save_model
-from training import RegularizedTrainer, RobustCheckpoint, RobustValidation
+from training import (
+    SAM,
+    AdversarialTraining,
+    Mixup,
+    Option,
+    RegularizedTrainer,
+    RobustCheckpoint,
+    RobustValidation,
+    is_count,
+)
 
 SEED = 1234
 """The default seed of weight initialisation, shuffling, augmentation and mixup."""
@@ -466,49 +495,146 @@ def build_augmenter(seed=SEED, kind="crop_flip"):
     )
 
 
+@dataclass(frozen=True)
+class EarlyStopping(Option):
+    """Early stopping: training stops once the watched validation accuracy has not increased for
+    ``patience`` epochs, counting from epoch ``start_from_epoch`` (0-based: the noisy first epochs of a
+    warm-up cannot stop a run), and the best epoch's weights are restored (with adversarial training its
+    checkpoint rule chooses them instead). It describes Keras's ``keras.callbacks.EarlyStopping`` and builds
+    a fresh one for each fit (``callback``)."""
+
+    patience: int
+    start_from_epoch: int = 0
+
+    def __post_init__(self):
+        self.require(is_count(self.patience, 1), "patience", "an integer >= 1")
+        self.require(is_count(self.start_from_epoch, 0), "start_from_epoch", "an integer >= 0")
+
+    def callback(self, monitor, restore_best_weights, verbose):
+        """Keras's callback, watching the logged metric ``monitor`` (an accuracy: higher is better)."""
+        return keras.callbacks.EarlyStopping(
+            monitor=monitor,
+            mode="max",
+            patience=self.patience,
+            start_from_epoch=self.start_from_epoch,
+            restore_best_weights=restore_best_weights,
+            verbose=verbose,
+        )
+
+
+@dataclass(frozen=True)
+class CosineSchedule(Option):
+    """Cosine decay of the learning rate to 0 over the run, after a linear warm-up from 0 over
+    ``warmup_epochs`` (0: none). It describes ``keras.optimizers.schedules.CosineDecay`` and builds it for
+    each fit, whose length in steps it needs (``learning_rate``)."""
+
+    warmup_epochs: int = 0
+
+    def __post_init__(self):
+        self.require(is_count(self.warmup_epochs, 0), "warmup_epochs", "an integer >= 0")
+
+    def learning_rate(self, peak, steps_per_epoch, num_epochs):
+        """The schedule over ``num_epochs * steps_per_epoch`` steps, rising to ``peak`` after the warm-up."""
+        warmup = self.warmup_epochs * steps_per_epoch
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else peak,
+            num_epochs * steps_per_epoch - warmup,
+            warmup_target=peak if warmup else None,
+            warmup_steps=warmup,
+        )
+
+
+@dataclass(frozen=True)
+class WeightDecay(Option):
+    """Decoupled weight decay of the optimizer at ``rate`` (Keras 3 applies it as AdamW does)."""
+
+    rate: float
+
+    def __post_init__(self):
+        self.require(self.rate > 0, "rate", "> 0")
+
+
+@dataclass(frozen=True)
+class WeightAveraging(Option):
+    """Weight averaging (Polyak averaging; Keras's ``use_ema``): after every step ``ema = momentum * ema +
+    (1 - momentum) * w``. Validation, the callbacks (the checkpoint rule, early stopping) and the saved
+    network see the averaged weights; training goes on from the raw ones
+    (``keras.callbacks.SwapEMAWeights``). Only trainable weights are averaged: batch norm keeps the moving
+    statistics the training steps collected."""
+
+    momentum: float
+
+    def __post_init__(self):
+        self.require(0.0 < self.momentum < 1.0, "momentum", "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class LabelSmoothing(Option):
+    """Training targets ``(1 - alpha) * onehot + alpha / num_classes`` (the validation loss stays on the
+    hard labels)."""
+
+    alpha: float
+
+    def __post_init__(self):
+        self.require(0.0 < self.alpha < 1.0, "alpha", "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class InitialWeights(Option):
+    """Training starts from the weights of the saved ``.h5`` network at ``path`` (same architecture). The
+    configuration records the file's content (sha256), not its path, which differs between output folders:
+    the experiment cache retrains when that file changes."""
+
+    path: str
+
+    def __post_init__(self):
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"InitialWeights(path={self.path!r}): no such model file.")
+
+    def get_config(self):
+        return {"sha256": file_sha256(self.path)}
+
+
 class YourModel(DefaultModel):
     """Blocks of [conv, BN, act, conv, BN, (+ skip), act, average pool, dropout], then a softmax head.
 
     Block ``i`` (0-based) has ``feature_maps * 2**i`` maps; the skip connection adds the first
     conv's output to the second BN's output (``one_block.png``). ``batch_norm=None``/``False``
-    leaves out the BN layers, ``drop_rate=0`` the dropout.
+    leaves out the BN layers, ``drop_rate=0`` the dropout. ``is_augmentation`` augments the training
+    batches with ``augmenter``: ``"crop_flip"`` (whole-pixel shifts and flips) or ``"resample"`` (the first,
+    blurring version); see ``build_augmenter``.
 
-    Keyword-only options (0 or None means off), composable with each other, with augmentation and
-    with early stopping; all run through ``RegularizedTrainer.train_step`` while ``self.model``
-    stays a plain functional model:
+    Keyword options, each an object or None (off, the default; see the module docstring), composable with
+    each other and with augmentation; all run through ``RegularizedTrainer.train_step`` or Keras's own
+    callbacks and optimizer, while ``self.model`` stays a plain functional model:
 
-    - ``patience``: stop when ``val_accuracy`` has not increased for this many epochs and restore
-      the best epoch's weights (``keras.callbacks.EarlyStopping``); defaults to 3 with augmentation.
-    - ``mixup_alpha``: mixup (Zhang et al. 2018) with lambda ~ Beta(alpha, alpha) per batch.
-    - ``adv_eps``, ``adv_k``, ``adv_eta``: PGD adversarial training (Madry et al. 2018).
-      Batches are fully adversarial, as in Madry et al.: the min-max objective trains on the
-      worst case in the eps ball only; mixing in clean examples trades robustness for clean
-      accuracy, which Question 3.9 does not ask for. Each epoch records the validation accuracy
-      under PGD with ``adv_val_k`` steps (``val_pgd_accuracy``; 20 by default, the evaluation
-      attack of Question 3.9: with eta = 0.002, ten steps move a pixel by at most 0.02 < eps), and
-      the epoch kept is chosen by ``robust_tolerance`` (see ``training.RobustCheckpoint``): the best
-      clean validation accuracy among the epochs within ``robust_tolerance`` of the best
-      ``val_pgd_accuracy`` (0: simply the most robust epoch).
-    - ``sam_rho``: Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius rho;
-      ``sam_fraction`` < 1: SAM's step on that random fraction of the steps only, a plain step on the
-      others (``training.RegularizedTrainer._sometimes_sam_gradients``).
-    - ``weight_decay``: decoupled weight decay of the optimizer (Keras 3 applies it as AdamW does);
-      ``lr_schedule='cosine'``: cosine decay of the learning rate to 0 over ``num_epochs``, after a
-      linear warm-up from 0 over ``warmup_epochs``.
-    - ``augmenter`` (with ``is_augmentation``): ``"crop_flip"`` (whole-pixel shifts and flips) or
-      ``"resample"`` (the first, blurring version); see ``build_augmenter``.
-    - ``patience_from``: early stopping watches from this epoch on (Keras's ``start_from_epoch``),
-      so that the noisy first epochs of a warm-up cannot stop a run.
-    - ``label_smoothing``: training targets ``(1 - a) * onehot + a / num_classes`` (the validation
-      loss stays on the hard labels).
-    - ``init_from``: a saved ``.h5`` network of the same architecture whose weights training starts
-      from (its file's sha256 is in ``get_config``, so the cache retrains when that file changes).
-    - ``ema_momentum``: weight averaging (Polyak averaging; Keras's ``use_ema``): after every step
-      ``ema = m * ema + (1 - m) * w``. Validation, the callbacks (the checkpoint rule, early stopping)
-      and the saved network see the averaged weights; training goes on from the raw ones
-      (``keras.callbacks.SwapEMAWeights``). Only trainable weights are averaged: batch norm keeps the
-      moving statistics that the training steps collected.
+    - ``early_stopping``: an ``EarlyStopping``, on ``val_accuracy`` (on ``val_pgd_accuracy`` with adversarial
+      training, whose checkpoint rule then chooses the weights kept). Off unless passed, augmentation
+      included: Question 3.5's patience 3 is written at its runs' calls.
+    - ``schedule``: a ``CosineSchedule``; None: the constant ``learning_rate``.
+    - ``weight_decay``: a ``WeightDecay``; ``weight_averaging``: a ``WeightAveraging``.
+    - ``label_smoothing``: a ``LabelSmoothing``; ``mixup``: a ``training.Mixup``.
+    - ``adversarial``: a ``training.AdversarialTraining`` (Madry et al. 2018). Batches are fully
+      adversarial: the min-max objective trains on the worst case in the eps ball only; mixing in clean
+      examples trades robustness for clean accuracy, which Question 3.9 does not ask for. Its
+      ``validation_steps`` (20 by default, the evaluation attack of Question 3.9: with step 0.002, ten
+      steps move a pixel by at most 0.02 < eps) measure each epoch's ``val_pgd_accuracy``.
+    - ``sam``: a ``training.SAM`` (Foret et al. 2021), or on a random fraction of the steps.
+    - ``initial_weights``: an ``InitialWeights``.
     """
+
+    # keyword -> the class of its option object (the keyword's value is one, or None: off)
+    OPTIONS = {
+        "early_stopping": EarlyStopping,
+        "schedule": CosineSchedule,
+        "weight_decay": WeightDecay,
+        "weight_averaging": WeightAveraging,
+        "label_smoothing": LabelSmoothing,
+        "mixup": Mixup,
+        "adversarial": AdversarialTraining,
+        "sam": SAM,
+        "initial_weights": InitialWeights,
+    }
 
     def __init__(
         self,
@@ -531,87 +657,31 @@ class YourModel(DefaultModel):
         verbose=True,
         *,
         seed=SEED,
-        patience=None,
-        mixup_alpha=0.0,
-        adv_eps=0.0,
-        adv_k=10,
-        adv_eta=0.002,
-        adv_val_k=20,
-        sam_rho=0.0,
-        sam_fraction=1.0,
-        weight_decay=0.0,
-        lr_schedule=None,
         augmenter="crop_flip",
-        warmup_epochs=0,
-        patience_from=0,
-        label_smoothing=0.0,
-        init_from=None,
-        robust_tolerance=0.0,
-        ema_momentum=0.0,
+        early_stopping=None,
+        schedule=None,
+        weight_decay=None,
+        weight_averaging=None,
+        label_smoothing=None,
+        mixup=None,
+        adversarial=None,
+        sam=None,
+        initial_weights=None,
     ):
-        super().__init__(
-            name,
-            width,
-            height,
-            depth,
-            num_blocks,
-            feature_maps,
-            num_classes,
-            drop_rate,
-            batch_norm,
-            is_augmentation,
-            activation_func,
-            use_skip,
-            optimizer,
-            batch_size,
-            num_epochs,
-            learning_rate,
+        super().__init__(  # the course's arguments, in the assignment's order
+            *(name, width, height, depth, num_blocks, feature_maps, num_classes, drop_rate, batch_norm),
+            *(is_augmentation, activation_func, use_skip, optimizer, batch_size, num_epochs, learning_rate),
             verbose,
             seed=seed,
         )
-        for option, value in [
-            ("mixup_alpha", mixup_alpha),
-            ("adv_eps", adv_eps),
-            ("sam_rho", sam_rho),
-            ("weight_decay", weight_decay),
-        ]:
-            if value is not None and value < 0:
-                raise ValueError(f"{option}={value!r} must be >= 0 (0 or None turns it off).")
-        if not 0.0 < sam_fraction <= 1.0:
-            raise ValueError(f"sam_fraction={sam_fraction!r} must be in (0, 1] (sam_rho=0 turns SAM off).")
-        if patience is not None and patience < 1:
-            raise ValueError(f"patience={patience!r} must be a positive integer or None.")
-        if lr_schedule not in (None, "cosine"):
-            raise ValueError(f"lr_schedule={lr_schedule!r}; allowed: None, 'cosine'.")
         if augmenter not in AUGMENTERS:
             raise ValueError(f"augmenter={augmenter!r}; allowed: {', '.join(map(repr, AUGMENTERS))}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1).")
-        if not 0.0 <= (ema_momentum or 0.0) < 1.0:
-            raise ValueError(f"ema_momentum={ema_momentum!r} must be in [0, 1) (0 or None turns it off).")
-        if robust_tolerance < 0:
-            raise ValueError(f"robust_tolerance={robust_tolerance!r} must be >= 0.")
-        if init_from is not None and not os.path.isfile(init_from):
-            raise FileNotFoundError(f"init_from={init_from!r}: no such model file.")
-        if warmup_epochs < 0 or (warmup_epochs and lr_schedule != "cosine"):
-            raise ValueError(f"warmup_epochs={warmup_epochs!r} must be >= 0, and needs lr_schedule='cosine'.")
-        self.patience = patience if patience is not None else (3 if is_augmentation else None)
-        self.mixup_alpha = mixup_alpha or 0.0
-        self.adv_eps = adv_eps or 0.0
-        self.adv_k = adv_k
-        self.adv_eta = adv_eta
-        self.adv_val_k = adv_val_k
-        self.sam_rho = sam_rho or 0.0
-        self.sam_fraction = sam_fraction
-        self.weight_decay = weight_decay or 0.0
-        self.lr_schedule = lr_schedule
         self.augmenter = augmenter
-        self.warmup_epochs = warmup_epochs
-        self.patience_from = patience_from
-        self.label_smoothing = label_smoothing or 0.0
-        self.init_from = init_from
-        self.robust_tolerance = robust_tolerance
-        self.ema_momentum = ema_momentum or 0.0
+        given = locals()  # the options, by their keywords
+        for keyword, kind in self.OPTIONS.items():
+            if not (given[keyword] is None or isinstance(given[keyword], kind)):
+                raise ValueError(f"{keyword}={given[keyword]!r}; allowed: a {kind.__name__} or None (off).")
+            setattr(self, keyword, given[keyword])
 
     def build_cnn(self):
         keras.utils.set_random_seed(self.seed)
@@ -623,8 +693,9 @@ class YourModel(DefaultModel):
         logits = layers.Dense(self.num_classes, name="logits")(x)
         outputs = layers.Activation("softmax", name="probabilities")(logits)
         self.model = keras.Model(inputs, outputs, name=self.name)
-        if self.init_from:
-            self.model.set_weights(keras.models.load_model(self.init_from, compile=False).get_weights())
+        if self.initial_weights:
+            start = keras.models.load_model(self.initial_weights.path, compile=False)
+            self.model.set_weights(start.get_weights())
         return self.model
 
     def _block(self, x, maps, prefix):
@@ -650,29 +721,15 @@ class YourModel(DefaultModel):
         # within an epoch of ~60 steps; Keras's 0.99 lags about two epochs behind.
         return layers.BatchNormalization(momentum=0.9, name=name)(x) if self.batch_norm else x
 
-    CONFIG_KEYS = DefaultModel.CONFIG_KEYS + (
-        "patience",
-        "mixup_alpha",
-        "adv_eps",
-        "adv_k",
-        "adv_eta",
-        "adv_val_k",
-        "sam_rho",
-        "sam_fraction",
-        "weight_decay",
-        "lr_schedule",
-        "augmenter",
-        "warmup_epochs",
-        "patience_from",
-        "label_smoothing",
-        "robust_tolerance",
-        "ema_momentum",
-    )
+    CONFIG_KEYS = DefaultModel.CONFIG_KEYS + ("augmenter",)
 
     def get_config(self):
+        """The course's arguments, the seed and the augmenter, and each option's ``get_config`` under its
+        keyword (None where it is off)."""
         config = super().get_config()
-        if self.init_from:  # the starting weights by content: the path differs between output folders
-            config["init_from_sha256"] = file_sha256(self.init_from)
+        for keyword in self.OPTIONS:
+            option = getattr(self, keyword)
+            config[keyword] = None if option is None else option.get_config()
         return config
 
     def fit(self, data_manager, batch_size=None, num_epochs=None, callbacks=()):
@@ -682,45 +739,26 @@ class YourModel(DefaultModel):
             self.best_epoch = checkpoint.best_epoch + 1
         return history
 
-    def _learning_rate(self, steps_per_epoch, num_epochs):
-        """The learning rate, or with ``lr_schedule='cosine'`` its schedule over the training steps:
-        a linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 over the rest."""
-        if self.lr_schedule != "cosine":
-            return self.learning_rate
-        warmup = self.warmup_epochs * steps_per_epoch
-        return keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else self.learning_rate,
-            num_epochs * steps_per_epoch - warmup,
-            warmup_target=self.learning_rate if warmup else None,
-            warmup_steps=warmup,
-        )
-
     def _make_optimizer(self, steps_per_epoch, num_epochs):
-        kwargs = {"weight_decay": self.weight_decay} if self.weight_decay else {}
-        if self.ema_momentum:
-            kwargs.update(use_ema=True, ema_momentum=self.ema_momentum)
-        return OPTIMIZERS[self.optimizer](
-            learning_rate=self._learning_rate(steps_per_epoch, num_epochs), **kwargs
-        )
+        kwargs = {"weight_decay": self.weight_decay.rate} if self.weight_decay else {}
+        if self.weight_averaging:
+            kwargs.update(use_ema=True, ema_momentum=self.weight_averaging.momentum)
+        learning_rate = self.learning_rate
+        if self.schedule:
+            learning_rate = self.schedule.learning_rate(self.learning_rate, steps_per_epoch, num_epochs)
+        return OPTIMIZERS[self.optimizer](learning_rate=learning_rate, **kwargs)
 
     def _trainer(self):
-        if not (self.mixup_alpha or self.adv_eps or self.sam_rho):
+        if not (self.mixup or self.adversarial or self.sam):
             return self.model
         return RegularizedTrainer(
-            self.model,
-            mixup_alpha=self.mixup_alpha,
-            adv_eps=self.adv_eps,
-            adv_k=self.adv_k,
-            adv_eta=self.adv_eta,
-            sam_rho=self.sam_rho,
-            sam_fraction=self.sam_fraction,
-            seed=self.seed,
+            self.model, mixup=self.mixup, adversarial=self.adversarial, sam=self.sam, seed=self.seed
         )
 
     def _train_dataset(self, X, y, batch_size):
         dataset = super()._train_dataset(X, y, batch_size)
         if self.label_smoothing:
-            a, k = self.label_smoothing, self.num_classes
+            a, k = self.label_smoothing.alpha, self.num_classes
             dataset = dataset.map(lambda images, onehot: (images, (1.0 - a) * onehot + a / k))
         if self.is_augmentation:
             augmenter = build_augmenter(self.seed, self.augmenter)
@@ -733,29 +771,26 @@ class YourModel(DefaultModel):
 
     def _callbacks(self, data_manager, num_epochs):
         callbacks, self._checkpoint = [], None
-        if self.ema_momentum:
+        if self.weight_averaging:
             # first, so that every later callback (and validation) sees the averaged weights
             callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-        if self.adv_eps:
-            self._checkpoint = RobustCheckpoint(tolerance=self.robust_tolerance)
+        if self.adversarial:
+            self._checkpoint = RobustCheckpoint(tolerance=self.adversarial.tolerance)
             callbacks.append(
                 RobustValidation(
                     data_manager.X_valid,
                     data_manager.y_valid,
-                    eps=self.adv_eps,
-                    k=self.adv_val_k,
-                    eta=self.adv_eta,
+                    eps=self.adversarial.eps,
+                    k=self.adversarial.validation_steps,
+                    eta=self.adversarial.step_size,
                 )
             )
             callbacks.append(self._checkpoint)
-        if self.patience:
+        if self.early_stopping:
             callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor="val_pgd_accuracy" if self.adv_eps else "val_accuracy",
-                    mode="max",
-                    patience=self.patience,
-                    start_from_epoch=self.patience_from,
-                    restore_best_weights=not self.adv_eps,  # adversarial runs: the checkpoint restores
+                self.early_stopping.callback(
+                    monitor="val_pgd_accuracy" if self.adversarial else "val_accuracy",
+                    restore_best_weights=not self.adversarial,  # adversarial runs: the checkpoint restores
                     verbose=int(self.verbose),
                 )
             )

@@ -7,7 +7,9 @@ under the first cell that imports it.
 
 import json
 import os
+import re
 import time
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,42 +23,47 @@ def start_notebook(profile, output_dir="", student_id=None):
     """The first cell of every notebook.
 
     Checks ``profile`` ("full": the assignment's settings, written into the project; "quick": tiny
-    subsets, written into runs/quick/), silences TensorFlow's start-up logging, creates the output
-    folders and shows the Student Information block from student.json (``student_id`` overrides the
-    file's). Returns a namespace with ``out``, ``results`` and ``models`` (Paths) and ``student``
-    (dict). Raises ValueError for an unknown profile and FileNotFoundError (``read_student``) for a
-    missing student.json, before the slow TensorFlow import.
+    subsets, written into runs/quick/) and student.json (``read_student``; ``student_id``, if given,
+    replaces the file's ID after the same check), silences TensorFlow's start-up logging and creates the
+    output folders. The Student Information block is a Markdown cell of the notebook, written from
+    student.json by tools/personalise.py (`make student`), not an output. Returns a namespace with ``out``,
+    ``results`` and ``models`` (Paths) and ``student`` (dict). Raises ValueError for an unknown profile or
+    a bad student.json or ID, and FileNotFoundError for a missing student.json, before the slow
+    TensorFlow import.
     """
     if profile not in PROFILES:
         raise ValueError(f"PROFILE={profile!r}; allowed: {', '.join(map(repr, PROFILES))}.")
     student = read_student()
+    if student_id is not None:
+        student["student_id"] = check_student_id(student_id)
     _import_tensorflow_quietly()
     out = Path(output_dir or ("." if profile == "full" else "runs/quick"))
     paths = SimpleNamespace(out=out, results=out / "results", models=out / "models", student=student)
     for folder in (paths.results, paths.models):
         folder.mkdir(parents=True, exist_ok=True)
-    if student_id is not None:
-        paths.student["student_id"] = student_id
-    from IPython.display import Markdown, display
-
-    s = paths.student
-    display(
-        Markdown(
-            f"""## Student Information
-**Surname:** {s["surname"]} <br>
-**Firstname:** {s["first_name"]} <br>
-**Student ID:** {s["student_id"]} <br>
-**Email:** {s["email"]} <br>
-**Your tutorial time:** {s["tutorial_time"]}"""
-        )
-    )
     return paths
 
 
+STUDENT_KEYS = ("surname", "first_name", "student_id", "email", "tutorial_time")
+# What a text field of student.json may not hold, and why: the notebooks' Markdown (MathJax) reads "$" and
+# "\\" as the start of a formula, and a line break or other control character would split the block's line.
+# Every other character is shown as typed (tools/personalise.py escapes what Markdown and HTML would read).
+NOT_IN_TEXT = {
+    "$": "a formula delimiter in the notebooks' Markdown",
+    "\\": "a formula and escape character in the notebooks' Markdown",
+}
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # Unicode categories: control characters, line and paragraph separators
+
+
 def read_student(path="student.json"):
-    """The student's details (surname, first_name, student_id, email, tutorial_time) from ``path``.
-    Raises FileNotFoundError naming the file and what to do when it is missing (the notebooks run
-    from the project folder, which holds it)."""
+    """The student's details from ``path``: a dict with ``STUDENT_KEYS``, the text fields (surname,
+    first_name, email, tutorial_time) as typed and ``student_id`` an int (``check_student_id``).
+
+    Raises FileNotFoundError naming the file and what to do when it is missing (the notebooks run from
+    the project folder, which holds it), and ValueError, one line naming the file, the key, the value and
+    what is allowed, for malformed JSON, a missing or empty key, a text field that is not text or holds
+    "$", "\\" or a control character (a line break), or a bad ID. Keys beyond ``STUDENT_KEYS`` are ignored.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -64,7 +71,55 @@ def read_student(path="student.json"):
             "(the project or the unzipped submission), or create it with the keys surname, first_name, "
             "student_id, email and tutorial_time."
         )
-    return json.loads(path.read_text())
+    try:
+        student = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"{path} is not valid JSON (UTF-8 text): {error}; write it as "
+            '{"surname": "...", "first_name": "...", "student_id": 12345678, "email": "...", '
+            '"tutorial_time": "..."}'
+        ) from None
+    if not isinstance(student, dict):
+        raise ValueError(f"{path} must hold one JSON object with the keys {', '.join(STUDENT_KEYS)}")
+    missing = [key for key in STUDENT_KEYS if key not in student]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: it needs the keys {', '.join(STUDENT_KEYS)}")
+    try:
+        student_id = check_student_id(student["student_id"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    details = {key: _check_text(path, key, student[key]) for key in STUDENT_KEYS if key != "student_id"}
+    return {**details, "student_id": student_id}
+
+
+def _check_text(path, key, value):
+    """``value`` of the text field ``key`` of student.json ``path``, unchanged; ValueError (one line) if it
+    is not a string, is empty or blank, or holds a character of ``NOT_IN_TEXT`` or of ``LINE_BREAKING``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: {key} must be text in double quotes, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"{path}: {key} is empty ({value!r}); write your {key.replace('_', ' ')} there")
+    for char in value:
+        if char in NOT_IN_TEXT or unicodedata.category(char) in LINE_BREAKING:
+            reason = NOT_IN_TEXT.get(char, "a line break or control character")
+            raise ValueError(
+                f"{path}: {key} {value!r} holds {char!r} ({reason}); allowed: any text without "
+                f"{', '.join(map(repr, NOT_IN_TEXT))}, line breaks or other control characters"
+            )
+    return value
+
+
+def check_student_id(value):
+    """``value`` as a student ID: an int, or a string of the digits 0-9 (surrounding spaces allowed), in
+    [0, 2**32), the range of np.random.seed, which Part 1 seeds with it. Returns the int; ValueError (one
+    line, naming the value) otherwise."""
+    number = int(value) if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**32:
+        raise ValueError(
+            "the student ID must be a whole number in [0, 2**32) (what np.random.seed accepts), "
+            f"e.g. 12345678, got {value!r}"
+        )
+    return number
 
 
 def _import_tensorflow_quietly():
@@ -242,8 +297,13 @@ def compare(
     what the figures are (e.g. "validation accuracy"). The direction is "gain" or "loss" only when the
     test rejects equality at ``alpha``; otherwise "no measurable change". Returns a dict (JSON-ready,
     stored in ``results/partN.json``) with ``a``, ``b`` (the two figures: accuracies, or seed means),
-    ``difference``, ``test``, ``p_value``, ``significant``, ``direction`` and ``words``, e.g.
-    "a significant gain in validation accuracy of +0.040 (0.732 → 0.772; McNemar p = 0.003)".
+    ``difference``, ``test``, ``p_value``, ``detail`` (the discordant images, or the seeds),
+    ``significant``, ``direction`` and ``words``.
+
+    The words say each thing once, the test in a short parenthesis: "a gain, 0.132 → 0.207 (+0.075,
+    significant: McNemar p = 3.3e-14)", "no measurable change, 0.620 → 0.638 (+0.018, McNemar p = 0.24)".
+    They leave the metric (and a scope such as "2 seeds pooled") to the sentence around them, which names
+    it once ("under PGD-20, a gain, ..."; "on validation, no measurable change, ..."); the record keeps it.
     """
     paired = correct_a is not None and correct_b is not None and values_a is None and values_b is None
     seeds = values_a is not None and values_b is not None and correct_a is None and correct_b is None
@@ -273,11 +333,15 @@ def compare(
 def _comparison(label_a, label_b, metric, a, b, test_name, p_value, detail, alpha):
     significant = bool(p_value < alpha) and a != b
     direction = ("gain" if b > a else "loss") if significant else "no measurable change"
-    figures = f"{a:.3f} → {b:.3f}; {test_name} p = {p_value:.2g}, {detail}"
-    if significant:
-        words = f"a significant {direction} in {metric} of {b - a:+.3f} ({figures})"
+    if test_name == "one seed":
+        test = detail  # "no test with one seed"
     else:
-        words = f"no measurable change in {metric}: {b - a:+.3f} ({figures})"
+        shown = f"{p_value:.2g}"
+        if significant and float(shown) >= alpha:  # 0.0496 would read "p = 0.05" next to "significant"
+            shown = f"{p_value:.3g}"
+        test = f"{'significant: ' if significant else ''}{test_name} p = {shown}"
+    verdict = f"a {direction}" if significant else direction
+    words = f"{verdict}, {a:.3f} → {b:.3f} ({b - a:+.3f}, {test})"
     return dict(
         kind="comparison",
         a_label=label_a,

@@ -2,6 +2,7 @@
 target's folder and renamed over the target, so an interrupted run leaves the old file or none,
 never half of one. Files are created readable by everyone (mode 0644), like any other file here."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,13 +26,21 @@ def _write_atomically(path, write):
 
 
 def write_json(obj, path):
-    """``json.dump(obj)`` (indent 1) to ``path``, atomically."""
+    """``json.dump(obj)`` (indent 1) to ``path``, atomically. A dataclass instance in ``obj`` (an option
+    object of ``models.YourModel`` that a notebook records) is written as the dict of its fields."""
 
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, default=_fields)
 
     _write_atomically(path, write)
+
+
+def _fields(value):
+    """``json.dump``'s fallback: a dataclass instance as its fields; anything else stays a TypeError."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def save_model(model, path):

@@ -1,15 +1,98 @@
 """The training regularizers of Questions 3.7, 3.9 and 3.10: mixup, PGD adversarial training and SAM.
 
-All three run in one ``keras.Model.train_step`` override (``RegularizedTrainer``, Keras's "customizing
-what happens in fit()"), around a plain network whose weights it trains; ``RobustValidation`` adds the
-validation accuracy under PGD to every epoch's logs (the checkpoint rule of adversarial training).
-``models.YourModel`` builds them from its options; nothing here knows about ``YourModel``.
+Each is described by a small frozen option object (``Mixup``, ``AdversarialTraining``, ``SAM``; the base
+``Option`` checks the values once, when the object is made). All three run in one ``keras.Model.train_step``
+override (``RegularizedTrainer``, Keras's "customizing what happens in fit()"), around a plain network whose
+weights it trains; ``RobustValidation`` adds the validation accuracy under PGD to every epoch's logs (the
+checkpoint rule of adversarial training). ``models.YourModel`` takes the option objects and builds these
+from them; nothing here knows about ``YourModel``.
 """
+
+import dataclasses
+from dataclasses import dataclass
+from numbers import Integral
 
 import tensorflow as tf
 from tensorflow import keras
 
 from attacks import logits_model, pgd_attack, pgd_loop, robust_accuracy
+
+
+# --------------------------------------------------------------------------------------------------
+# The option objects
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """Base of ``models.YourModel``'s option objects: a frozen dataclass whose ``__post_init__`` checks its
+    fields once, with ``require``; the option is off where None is passed instead of the object."""
+
+    def require(self, ok, field, allowed):
+        """Unless ``ok``, a one-line ValueError naming the class, the field, its value and what is allowed."""
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}({field}={getattr(self, field)!r}): {field} must be {allowed} "
+                f"(None instead of a {type(self).__name__} turns it off)."
+            )
+
+    def get_config(self):
+        """What ``YourModel.get_config`` records of the option: its fields."""
+        return dataclasses.asdict(self)
+
+
+def is_count(value, least):
+    """True for an integer (not a bool) of at least ``least``."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
+
+
+@dataclass(frozen=True)
+class Mixup(Option):
+    """Mixup (Zhang et al. 2018): each batch blended with a permutation of itself by lambda ~ Beta(alpha,
+    alpha), one draw per batch."""
+
+    alpha: float
+
+    def __post_init__(self):
+        self.require(self.alpha > 0, "alpha", "> 0")
+
+
+@dataclass(frozen=True)
+class AdversarialTraining(Option):
+    """PGD adversarial training (Madry et al. 2018): every batch replaced by its PGD examples in the L-inf
+    ball of radius ``eps``, found in ``steps`` steps of ``step_size`` from a uniform random start. Each
+    epoch records the validation accuracy under PGD with ``validation_steps`` steps (``val_pgd_accuracy``),
+    and the epoch kept is the best on clean validation among those within ``tolerance`` of the best
+    ``val_pgd_accuracy`` (``RobustCheckpoint``; 0: simply the most robust epoch)."""
+
+    eps: float
+    steps: int = 10
+    step_size: float = 0.002
+    validation_steps: int = 20
+    tolerance: float = 0.0
+
+    def __post_init__(self):
+        self.require(self.eps > 0, "eps", "> 0")
+        self.require(is_count(self.steps, 1), "steps", "an integer >= 1")
+        self.require(self.step_size > 0, "step_size", "> 0")
+        self.require(is_count(self.validation_steps, 1), "validation_steps", "an integer >= 1")
+        self.require(self.tolerance >= 0, "tolerance", ">= 0")
+
+
+@dataclass(frozen=True)
+class SAM(Option):
+    """Sharpness-Aware Minimization (Foret et al. 2021) with neighbourhood radius ``rho``; ``fraction`` < 1:
+    SAM's step on that seeded random fraction of the steps only, a plain step on the others."""
+
+    rho: float
+    fraction: float = 1.0
+
+    def __post_init__(self):
+        self.require(self.rho > 0, "rho", "> 0")
+        self.require(0.0 < self.fraction <= 1.0, "fraction", "in (0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step
+# --------------------------------------------------------------------------------------------------
 
 
 def mixup_batch(x, y, lam, permutation):
@@ -50,31 +133,16 @@ class RegularizedTrainer(keras.Model):
     what happens in fit()"): ``call`` is ``net``'s, the weights are ``net``'s, validation is the
     default ``test_step`` on clean data, and ``net`` itself is saved. Per training batch, in
     this order: mixup, then PGD on the (mixed) batch, then one SAM or plain gradient step.
+    ``mixup``, ``adversarial``, ``sam``: a ``Mixup``, ``AdversarialTraining``, ``SAM`` or None (off);
+    ``seed``: the draws of SAM on a fraction of the steps.
     """
 
-    def __init__(
-        self,
-        net,
-        mixup_alpha=0.0,
-        adv_eps=0.0,
-        adv_k=10,
-        adv_eta=0.002,
-        sam_rho=0.0,
-        sam_fraction=1.0,
-        seed=None,
-    ):
+    def __init__(self, net, mixup=None, adversarial=None, sam=None, seed=None):
         super().__init__(name=f"{net.name}_trainer")
-        if not 0.0 < sam_fraction <= 1.0:
-            raise ValueError(f"sam_fraction={sam_fraction!r} must be in (0, 1] (sam_rho=0 turns SAM off).")
         self.net = net
-        self.mixup_alpha = float(mixup_alpha)
-        self.adv_eps = float(adv_eps)
-        self.adv_k = int(adv_k)
-        self.adv_eta = float(adv_eta)
-        self.sam_rho = float(sam_rho)
-        self.sam_fraction = float(sam_fraction)
+        self.mixup, self.adversarial, self.sam = mixup, adversarial, sam
         self.logits = logits_model(net)
-        if self.sam_rho and self.sam_fraction < 1.0:
+        if self.sam and self.sam.fraction < 1.0:
             # which steps take SAM's ascent: a seeded draw per step; `sam_steps` counts them
             self.sam_draws = keras.random.SeedGenerator(seed)
             self.sam_steps = keras.Variable(0, dtype="int64", trainable=False, name="sam_steps")
@@ -84,17 +152,24 @@ class RegularizedTrainer(keras.Model):
 
     def train_step(self, data):
         x, y = data
-        if self.mixup_alpha:
-            lam = sample_beta(self.mixup_alpha)
+        if self.mixup:
+            lam = sample_beta(self.mixup.alpha)
             x, y = mixup_batch(x, y, lam, tf.random.shuffle(tf.range(tf.shape(x)[0])))
-        if self.adv_eps:
-            start = x + tf.random.uniform(tf.shape(x), -self.adv_eps, self.adv_eps)
+        if self.adversarial:
+            eps = self.adversarial.eps
+            start = x + tf.random.uniform(tf.shape(x), -eps, eps)
             x = pgd_loop(
-                self.logits, x, y, tf.clip_by_value(start, -1.0, 1.0), self.adv_eps, self.adv_eta, self.adv_k
+                self.logits,
+                x,
+                y,
+                tf.clip_by_value(start, -1.0, 1.0),
+                eps,
+                self.adversarial.step_size,
+                self.adversarial.steps,
             )
-        if self.sam_rho and self.sam_fraction < 1.0:
+        if self.sam and self.sam.fraction < 1.0:
             loss, y_pred, grads = self._sometimes_sam_gradients(x, y)
-        elif self.sam_rho:
+        elif self.sam:
             loss, y_pred, grads = self._sam_gradients(x, y)
         else:
             loss, y_pred, grads = self._gradients(x, y)
@@ -126,7 +201,7 @@ class RegularizedTrainer(keras.Model):
         loss, y_pred, grads = self._gradients(x, y)
         variables = self.trainable_variables
         norm = tf.linalg.global_norm(grads) + 1e-12
-        steps = [self.sam_rho * g / norm for g in grads]
+        steps = [self.sam.rho * g / norm for g in grads]
         statistics = batch_norm_statistics(self.net)
         saved = [tf.identity(v) for v in statistics]
         for v, e in zip(variables, steps):
@@ -139,11 +214,11 @@ class RegularizedTrainer(keras.Model):
         return loss, y_pred, sharp_grads
 
     def _sometimes_sam_gradients(self, x, y):
-        """SAM on a random ``sam_fraction`` of the steps, a plain step on the others: SAM's second
-        gradient costs about as much as the first, so an epoch costs about ``1 + sam_fraction`` plain
+        """SAM on a random ``fraction`` of the steps, a plain step on the others: SAM's second
+        gradient costs about as much as the first, so an epoch costs about ``1 + fraction`` plain
         epochs instead of 2. Each step draws u ~ U[0, 1) from the trainer's seeded generator and takes
-        SAM's step when u < sam_fraction (the idea of randomized SAM, e.g. Zhao et al. 2022's SS-SAM)."""
-        take_sam = keras.random.uniform((), seed=self.sam_draws) < self.sam_fraction
+        SAM's step when u < fraction (the idea of randomized SAM, e.g. Zhao et al. 2022's SS-SAM)."""
+        take_sam = keras.random.uniform((), seed=self.sam_draws) < self.sam.fraction
 
         def sam():
             self.sam_steps.assign_add(1)

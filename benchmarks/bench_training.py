@@ -56,13 +56,12 @@ BASE = dict(
     batch_size=64,
     verbose=False,
 )
-CONFIGS = {
+CONFIGS = {  # no early stopping (off unless passed): every timed epoch runs
     "clean": {},
-    # patience far beyond the run: augmentation's default early stopping must not cut a timed epoch
-    "augmentation": dict(is_augmentation=True, patience=1000),
-    "mixup": dict(mixup_alpha=0.2),
-    "sam": dict(sam_rho=0.05),
-    "pgd10_adversarial": dict(adv_eps=EPS, adv_k=10, adv_eta=ETA),
+    "augmentation": dict(is_augmentation=True),
+    "mixup": dict(mixup=models.Mixup(alpha=0.2)),
+    "sam": dict(sam=models.SAM(rho=0.05)),
+    "pgd10_adversarial": dict(adversarial=models.AdversarialTraining(eps=EPS, steps=10, step_size=ETA)),
 }
 TARGETS = {"sam": 2.1, "pgd10_adversarial": 6.0}
 PGD_TARGET = 3.0

@@ -40,6 +40,40 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def small_net(cls=None, **kwargs):
+    """The unit tests' small network: 16x16 images, 3 classes, one block of 4 feature maps with batch norm and
+    dropout 0.2, batch 16, one epoch at learning rate 1e-3, silent; ``kwargs`` override any of these and add
+    options. ``cls``: YourModel by default; DefaultModel, whose blocks are fixed, gets its 2 blocks of 32 maps
+    without batch norm."""
+    import models
+
+    cls = cls or models.YourModel
+    defaults = dict(
+        width=16,
+        height=16,
+        num_blocks=1,
+        feature_maps=4,
+        num_classes=3,
+        batch_norm=True,
+        drop_rate=0.2,
+        batch_size=16,
+        num_epochs=1,
+        learning_rate=1e-3,
+        verbose=False,
+    )
+    if cls is models.DefaultModel:
+        defaults.update(feature_maps=32, num_blocks=2, batch_norm=None)
+    return cls(**{**defaults, **kwargs})
+
+
+def attacked_net(**kwargs):
+    """``small_net`` as the attack tests train it (test_attacks_regularizers.py, test_apgd.py): two blocks of
+    8 maps without dropout, batch 32, two epochs; ``kwargs`` override any of these."""
+    return small_net(
+        **{**dict(num_blocks=2, feature_maps=8, drop_rate=0.0, batch_size=32, num_epochs=2), **kwargs}
+    )
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

@@ -1,8 +1,10 @@
 """What the committed notebooks claim: every sentence of their rendered prose that uses a comparative word
 (report.COMPARATIVE_WORDS) carries the words of a comparison recorded in results/partN.json["comparisons"];
-every recorded comparison's words are what report.compare / report.rank give for its figures; and every
-question heading is followed by its bold answer line, the first thing a reader of the report sees under it.
-The checks are also run on small notebooks with a planted fault, so that each can be seen to fail."""
+every recorded comparison's words are what report.compare / report.rank give for its figures; no generated
+clause (a record's words with the lead-in the prose gives them) names a qualifier twice; and every question
+heading is followed by its bold answer line, the first thing a reader of the report sees under it. The
+checks are also run on small notebooks with a planted fault, so that each can be seen to fail, and on the
+notebooks executed in the quick profile, whose words come from the report.compare of this checkout."""
 
 import json
 import re
@@ -12,13 +14,16 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, animals_dir
 from report import COMPARATIVE_WORDS, compare, rank, rerender
 
 PARTS = [1, 2, 3]
 HIDDEN_INPUT, HIDDEN_CELL = {"remove_input"}, {"remove_cell", "injected-parameters"}
 COMPARATIVE = re.compile(r"\b(" + "|".join(re.escape(w) for w in COMPARATIVE_WORDS) + r")\b", re.IGNORECASE)
 QUESTION_HEADING = re.compile(r"^#{1,6}\s*Question\s+\d+\.\d+\b.*$", re.MULTILINE)
+# A qualifier: a word of four letters or more, or a name with a digit ("PGD-20"), but not a function word.
+WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+FUNCTION_WORDS = set("with from than that this these those their against each over".split())
 
 
 def committed(part):
@@ -69,6 +74,46 @@ def unsupported_claims(notebook, comparisons):
 def stale_records(comparisons):
     """The ids of the records whose stored words are not what their figures give."""
     return [key for key, record in comparisons.items() if record["words"] != rerender(record)]
+
+
+def generated_clauses(notebook, comparisons):
+    """Each place the rendered prose carries a recorded comparison's words, with the lead-in the prose gives
+    them: from the last ';' or ':' before the words (or the sentence's start, or the end of the record's
+    words before them) to the words' end, e.g. "under PGD-20, a gain, 0.132 → 0.207 (...)"."""
+    recorded = {record["words"] for record in comparisons.values()}
+    clauses = []
+    for text in rendered_prose(notebook):
+        for sentence in sentences(text):
+            spans = sorted(
+                (match.start(), match.start() + len(words))
+                for words in recorded
+                for match in re.finditer(re.escape(words), sentence)
+            )
+            done = 0
+            for start, end in spans:
+                if start < done:  # inside the words of another record
+                    continue
+                lead = max(done, sentence.rfind(";", 0, start) + 1, sentence.rfind(":", 0, start) + 1)
+                clauses.append(sentence[lead:end].strip())
+                done = end
+    return clauses
+
+
+def stutters(notebook, comparisons):
+    """The generated clauses (``generated_clauses``) that name a qualifier twice, each as (clause, the
+    repeated qualifiers): "under PGD-20, a significant gain in test accuracy under PGD-20" names "under" and
+    "PGD-20" twice."""
+    found = []
+    for clause in generated_clauses(notebook, comparisons):
+        names = [
+            word.lower()
+            for word in WORD.findall(clause)
+            if (len(word) >= 4 or any(c.isdigit() for c in word)) and word.lower() not in FUNCTION_WORDS
+        ]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            found.append((clause, repeated))
+    return found
 
 
 def reader_view(notebook):
@@ -127,6 +172,12 @@ def test_every_comparative_sentence_carries_a_recorded_comparison(part):
 
 
 @pytest.mark.parametrize("part", PARTS)
+def test_no_generated_clause_repeats_a_qualifier(part):
+    notebook, comparisons = committed(part)
+    assert stutters(notebook, comparisons) == []
+
+
+@pytest.mark.parametrize("part", PARTS)
 def test_every_question_opens_with_its_bold_answer_line(part):
     notebook, _ = committed(part)
     assert headings(notebook), "no question headings found"
@@ -155,7 +206,7 @@ def recorded():
 
 def test_a_claim_built_from_a_record_passes(recorded):
     words = recorded["b_vs_a"]["words"]
-    assert words.startswith("a significant gain")
+    assert words.startswith("a gain,") and "significant" in words
     notebook = new_notebook(
         cells=[
             new_markdown_cell("Mixup is not better or worse here: nothing was compared."),
@@ -211,3 +262,74 @@ def test_a_question_without_its_answer_line_first_fails():
     assert unanswered_questions(new_notebook(cells=[prose_first, hidden("**Answer: 0.88.**")])) == [
         "## Question 9.1: do it"
     ]
+
+
+@pytest.mark.parametrize(
+    "lead_in, words, repeated",
+    [
+        # the stutter of the notebooks before: the qualifier in the lead-in and again in the words
+        (
+            "SAM on half the steps: under PGD-20, ",
+            "a significant gain in test accuracy under PGD-20 (2 seeds pooled) of +0.075 (0.132 → 0.207; "
+            "McNemar p = 3.3e-14, 90 vs 15 discordant images)",
+            ["pgd-20", "under"],
+        ),
+        ("Mixup: on validation, ", "no measurable change in validation accuracy: +0.006", ["validation"]),
+        (
+            "Under PGD-20, a significant difference: ",
+            "a significant gain of +0.068, significant",
+            ["significant"],
+        ),
+    ],
+)
+def test_a_planted_stutter_fails(lead_in, words, repeated):
+    record = {"planted": {"kind": "comparison", "words": words}}
+    notebook = new_notebook(cells=[hidden(f"First sentence. {lead_in}{words}. Last sentence.")])
+    assert stutters(notebook, record) == [((lead_in.rsplit(":", 1)[-1] + words).strip(), repeated)]
+
+
+def test_compare_words_in_the_notebooks_lead_ins_say_each_qualifier_once():
+    """The words of every kind of comparison (gain, loss, no measurable change; McNemar, Welch, one seed)
+    after the lead-ins the notebooks give them, two comparisons to a sentence."""
+    a, b = np.array([True] * 20 + [False] * 20), np.array([True] * 32 + [False] * 8)
+    metric = "test accuracy under PGD-20 (2 seeds pooled)"
+    records = {
+        "gain": compare("plain", "SAM", metric, correct_a=a, correct_b=b),
+        "loss": compare("SAM", "plain", "validation accuracy", correct_a=b, correct_b=a),
+        "flat": compare("A", "B", "test accuracy", correct_a=a, correct_b=a[::-1]),
+        "welch": compare("A", "B", "validation accuracy", values_a=[0.80, 0.801], values_b=[0.85, 0.851]),
+        "seed": compare("A", "B", "validation accuracy", values_a=[0.80], values_b=[0.90]),
+    }
+    assert [record["direction"] for record in records.values()] == [
+        "gain", "loss", "no measurable change", "gain", "no measurable change"
+    ]  # fmt: skip
+    prose = " ".join(
+        f"* {key}: under PGD-20, {record['words']}; on validation, {record['words']}."
+        for key, record in records.items()
+    )
+    notebook = new_notebook(cells=[hidden(prose)])
+    assert len(generated_clauses(notebook, records)) == 2 * len(records)
+    assert stutters(notebook, records) == []
+    assert unsupported_claims(notebook, records) == [] and stale_records(records) == []
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize(
+    "notebook", [f"Assignment01_Part{part}_solution.ipynb" for part in (2, 3)], ids=["part2", "part3"]
+)
+def test_the_quick_profiles_words_are_recorded_current_and_said_once(notebook, quick_profile_run):
+    """The notebooks executed in the quick profile (the session's shared runs, see conftest) with this
+    checkout's report.compare: every comparative sentence carries a record's words, every record's words are
+    rerender's, and no generated clause repeats a qualifier, whatever the committed notebooks still say."""
+    if notebook.endswith("Part3_solution.ipynb") and animals_dir() is None:
+        pytest.skip("Part 3 needs the Animals data (datasets/Animals or ANIMALS_DIR)")
+    checkout, proc = quick_profile_run(notebook)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = checkout / "runs" / "quick"
+    executed = nbformat.read(out / notebook, as_version=4)
+    part = notebook.split("_")[1].lower()
+    comparisons = json.loads((out / "results" / f"{part}.json").read_text())["comparisons"]
+    assert comparisons and generated_clauses(executed, comparisons)
+    assert unsupported_claims(executed, comparisons) == []
+    assert stale_records(comparisons) == []
+    assert stutters(executed, comparisons) == []

@@ -7,6 +7,7 @@ interpreter in that folder. The `check` tests run the command on such a copy wit
 entries and the real Animals data.
 """
 
+import dataclasses
 import inspect
 import json
 import os
@@ -19,11 +20,12 @@ import time
 
 import pytest
 
+import experiments
 import models
-from conftest import REPO_ROOT, animals_dir
+from conftest import REPO_ROOT, animals_dir, small_net
 from experiments import ExperimentCache, Run
 from models import DefaultModel
-from test_models_core import small_net, tiny_manager
+from test_models_core import tiny_manager
 
 LIBRARY = ["models.py", "attacks.py", "training.py", "storage.py", "report.py", "experiments.py", "dnn.py"]
 TOP_LEVEL = re.compile(r"^(def |class |@|[A-Z_][A-Z0-9_]*(, [A-Z_][A-Z0-9_]*)* = )", re.M)
@@ -355,23 +357,44 @@ def test_check_command_on_the_committed_entries(edit, expected, tmp_path):
         assert len(stale) == count - 2 and lines[trainings] == f"{count} entries, {count - 2} stale"
 
 
+def switches(config):
+    """What a recorded configuration (of either scheme: ``experiments.from_flat``) switches on: the course's
+    augmentation, batch norm and skip connection and a keyword argument (the augmenter) where away from their
+    defaults, each option that is on, and each field of it away from the field's default ("sam.fraction")."""
+    config = experiments.from_flat(config)
+    cls = getattr(models, config["class"])
+    parameters = inspect.signature(cls.__init__).parameters
+    options = getattr(cls, "OPTIONS", {})
+    keywords = {k for k, p in parameters.items() if p.kind is p.KEYWORD_ONLY and k != "seed"} - set(options)
+    used = {
+        k
+        for k in keywords | ({"is_augmentation", "batch_norm", "use_skip"} & set(parameters))
+        if config.get(k, parameters[k].default) != parameters[k].default
+    }
+    for keyword, kind in options.items():
+        if config.get(keyword) is not None:
+            defaults = {field.name: field.default for field in dataclasses.fields(kind)}
+            used |= {keyword} | {f"{keyword}.{k}" for k, v in config[keyword].items() if v != defaults.get(k)}
+    return used
+
+
 def test_restamp_probes_cover_every_option_the_committed_entries_use():
     """``tools/restamp_cache.py`` proves a library change harmless by training its probes with the old and
-    the new code, so the probes must switch on every training option a committed entry switches on."""
+    the new code, so the probes must switch on every training option a committed entry switches on, and
+    every field of it that an entry sets away from its default."""
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import restamp_cache
 
     probed = {}
     for cls, options, _ in restamp_cache.PROBES.values():
-        probed.setdefault(cls, set()).update(options)
+        config = {"class": cls, **options}
+        if "init_from" in config:  # a probe's weights, recorded by their sha256 when the probes run
+            config["init_from_sha256"] = config.pop("init_from")
+        probed.setdefault(cls, set()).update(switches(config))
+    assert {"mixup", "sam.fraction", "early_stopping.start_from_epoch"} <= probed["YourModel"]
     for path in (REPO_ROOT / "results" / "cache").rglob("*.json"):
         config = json.loads(path.read_text())["key_parts"]["config"]
-        parameters = inspect.signature(getattr(models, config["class"]).__init__).parameters
-        switches = {k for k, p in parameters.items() if p.kind is p.KEYWORD_ONLY and k != "seed"}
-        switches |= {"is_augmentation", "batch_norm", "use_skip"} & set(parameters)
-        used = {k for k in switches if k in config and config[k] != parameters[k].default}
-        if "init_from_sha256" in config:
-            used.add("init_from")
+        used = switches(config)
         assert used <= probed[config["class"]], (path.name, used - probed[config["class"]])
 
 

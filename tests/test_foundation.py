@@ -231,6 +231,41 @@ def test_export_adds_the_print_style_after_the_theme(tmp_path):
         with_print_style("<html><body>no head</body></html>")
 
 
+def text_outside_code(html):
+    """The text of an exported page's body that is not code: tags, <code>, <pre>, <script> and <style>
+    elements removed, entities decoded."""
+    import html as entities
+    import re
+
+    body = html[html.index("<body") :]
+    for element in ("script", "style", "pre", "code"):
+        body = re.sub(rf"<{element}\b.*?</{element}>", " ", body, flags=re.S)
+    return entities.unescape(re.sub(r"<[^>]*>", " ", body))
+
+
+def test_export_renders_math_as_mathml_without_mathjax(tmp_path):
+    """Offline, MathJax cannot load: every formula, in a Markdown cell or in the Markdown a code cell
+    displays, is MathML in the HTML itself; a `$` in code or escaped stays as written, and a formula that
+    cannot be converted shows as its source (with a warning naming it), never as `$...$`."""
+    prose = (
+        "Inline $\\epsilon = 0.03$ and `cost = $5 and $6` in code, \\$3 escaped; display:\n\n"
+        "$$\\hat y = \\arg\\max_k \\frac{e^{h_k}}{\\sum_j e^{h_j}}$$\n\n```\nprice = $7 + $8\n```"
+    )
+    shown = new_output("display_data", data={"text/markdown": "Output $x^2$, `echo $HOME`, bad $\\frac{1}{$"})
+    cells = [new_markdown_cell(prose), executed("display(Markdown(...))", 1, [shown], ["remove_input"])]
+    proc = export(notebook(tmp_path / "Math_solution.ipynb", cells))
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "Math_output.html").read_text()
+    assert "mathjax" not in html.lower()
+    assert html.count("<math ") == 3 and html.count('display="block"') == 1  # x^2, epsilon, the display
+    assert "<mfrac>" in html and "<msup><mi>x</mi><mn>2</mn></msup>" in html
+    assert "<code>cost = $5 and $6</code>" in html and "<code>echo $HOME</code>" in html
+    assert "price = $7 + $8" in html
+    assert '<code class="tex-source">\\frac{1}{</code>' in html and "\\\\frac{1}{" in proc.stderr
+    assert "\\arg" not in html  # latex2mathml lacks \arg: spelled \mathrm{arg}
+    assert text_outside_code(html).count("$") == 1 and "$3 escaped" in text_outside_code(html)
+
+
 def test_export_hides_the_input_of_remove_input_cells_and_drops_remove_cell_cells(tmp_path):
     def printing(source_marker, output_marker, count, tags=()):
         """A cell whose source holds `source_marker` and whose output is `output_marker`."""
@@ -270,18 +305,36 @@ def test_export_execute_runs_the_notebook_in_place_first(tmp_path):
 # --- submission zip --------------------------------------------------------------------------------
 
 
+STUDENT = {
+    "surname": "Tran",
+    "first_name": "Mai",
+    "student_id": 424242,
+    "email": "mai.tran@example.org",
+    "tutorial_time": "Mon 9:00",
+}
+
+
+def student_cell(student):
+    """The Student Information block showing ``student``, as `make student` writes it."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from personalise import TAG, student_block
+
+    return new_markdown_cell(student_block(student), metadata={"tags": [TAG]})
+
+
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the project's commands, with three small executed notebooks (Part 3 imports a module),
+    """A copy of the project's commands, with student.json, three small executed notebooks showing it in
+    their Student Information blocks (Part 3 imports a module), results/part1.json for its ID,
     models.py and a module it imports, a module nothing imports, results naming a model, a cache entry
     (in a sub-folder, trained from the first model) and its model, a model nothing names, a figure."""
     root = tmp_path / "project"
     root.mkdir()
-    for name in ("Makefile", "export_html.sh", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", "export_html.sh", "requirements.txt", "requirements-dev.txt", "report.py"):
         shutil.copy2(REPO_ROOT / name, root / name)
     shutil.copytree(REPO_ROOT / "tools", root / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".venv").symlink_to(Path(sys.prefix))
-    (root / "student.json").write_text(json.dumps({"student_id": 424242}))
+    (root / "student.json").write_text(json.dumps(STUDENT))
     (root / "models.py").write_text("import attacks\n")
     (root / "attacks.py").write_text("VALUE = 1\n")
     (root / "models").mkdir()
@@ -296,8 +349,9 @@ def project(tmp_path):
     (root / "results" / "part3.json").write_text(
         json.dumps({"best": {"model": "models/Part3_Sec3_4_best.h5"}})
     )
+    (root / "results" / "part1.json").write_text(json.dumps({"q1_3": {"student_id": STUDENT["student_id"]}}))
     sha = hashlib.sha256(b"model").hexdigest()
-    record = {"key_parts": {"config": {"init_from_sha256": sha}}}
+    record = {"key_parts": {"config": {"initial_weights": {"sha256": sha}}}}
     (root / "results" / "cache" / "grid" / "Part3_rho0.05.json").write_text(json.dumps(record))
     (root / "figures").mkdir()
     (root / "figures" / "network.png").write_bytes(b"png")
@@ -308,6 +362,7 @@ def project(tmp_path):
                 new_markdown_cell(
                     f"# Part {n}\n![network](figures/network.png) ![remote](https://example.org/a.png)"
                 ),
+                student_cell(STUDENT),
                 executed(f"part = {n}" if n < 3 else "%matplotlib inline\nimport helpers", 1),
             ],
         )
@@ -325,7 +380,8 @@ def test_submission_zip_holds_what_the_assignment_asks_for(project, tmp_path):
     kinds = ("solution.ipynb", "output.html")
     expected = {f"Assignment01_Part{n}_{kind}" for n in (1, 2, 3) for kind in kinds}
     expected |= {"models.py", "attacks.py", "helpers.py", "student.json", "requirements.txt"}
-    expected |= {"results/part3.json", "results/cache/grid/Part3_rho0.05.json", "figures/network.png"}
+    expected |= {"results/part1.json", "results/part3.json", "results/cache/grid/Part3_rho0.05.json"}
+    expected |= {"figures/network.png"}
     expected |= {"models/Part3_Sec3_4_best.h5", "models/grid/Part3_rho0.05.h5"}
     with zipfile.ZipFile(archive) as zf:
         assert set(zf.namelist()) == expected | {"README.md"}
@@ -347,35 +403,48 @@ def test_submission_zip_holds_what_the_assignment_asks_for(project, tmp_path):
 )
 def test_submission_refuses_a_file_the_notebooks_need(project, remove, named):
     (project / remove).unlink()
-    proc = make_submission(project, "STUDENT_ID=12345")
+    proc = make_submission(project)
     assert proc.returncode != 0 and named in proc.stderr
     assert not list(project.glob("*.zip")) and not list(project.glob("*.html"))
 
 
 def test_submission_refuses_a_cache_entry_whose_starting_model_is_gone(project):
     (project / "models" / "Part3_Sec3_4_best.h5").write_bytes(b"retrained")
-    proc = make_submission(project, "STUDENT_ID=12345")
+    proc = make_submission(project)
     assert proc.returncode != 0 and "results/cache/grid/Part3_rho0.05.json was trained from" in proc.stderr
     assert not list(project.glob("*.zip"))
 
 
 def test_submission_refuses_a_non_numeric_student_id(project):
-    proc = make_submission(project, "STUDENT_ID=s1234")
-    assert proc.returncode != 0 and "STUDENT_ID" in proc.stderr and "s1234" in proc.stderr
+    (project / "student.json").write_text(json.dumps({**STUDENT, "student_id": "s1234"}))
+    proc = make_submission(project)
+    assert proc.returncode != 0 and "student ID" in proc.stderr and "'s1234'" in proc.stderr
     assert not list(project.glob("*.zip"))
+
+
+def test_export_refuses_a_notebook_whose_student_block_is_not_the_student_json_beside_it(project):
+    nb = project / "Assignment01_Part2_solution.ipynb"
+    assert export(nb).returncode == 0
+    (project / "student.json").write_text(json.dumps({**STUDENT, "email": "mai@example.org"}))
+    proc = export(nb)
+    assert proc.returncode != 0
+    assert "mai@example.org" in proc.stderr and "make student" in proc.stderr
+    assert "--execute" not in proc.stderr  # executing would not change a Markdown cell
 
 
 def test_submission_refuses_a_missing_part(project):
     (project / "Assignment01_Part3_solution.ipynb").unlink()
-    proc = make_submission(project, "STUDENT_ID=12345")
+    proc = make_submission(project)
     assert proc.returncode != 0 and "Assignment01_Part3_solution.ipynb" in proc.stderr
     assert not list(project.glob("*.zip"))
 
 
 def test_submission_refuses_an_image_outside_the_project(project):
     nb = project / "Assignment01_Part1_solution.ipynb"
-    notebook(nb, [new_markdown_cell("![net](../shared/net.png)"), executed("x = 1", 1)])
-    proc = make_submission(project, "STUDENT_ID=12345")
+    notebook(
+        nb, [new_markdown_cell("![net](../shared/net.png)"), student_cell(STUDENT), executed("x = 1", 1)]
+    )
+    proc = make_submission(project)
     assert proc.returncode != 0 and "../shared/net.png" in proc.stderr
     assert not list(project.glob("*.zip"))
 

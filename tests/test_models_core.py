@@ -5,6 +5,7 @@ random arrays for the networks (32x32 or 16x16, a few dozen images, 1 to 6 epoch
 Expected parameter counts are computed here from the block formula, not read from models.py.
 """
 
+import json
 import math
 import os
 import re
@@ -21,8 +22,24 @@ import pytest  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from tensorflow import keras  # noqa: E402
 
+import experiments  # noqa: E402
 import models  # noqa: E402
-from models import AnimalsDatasetManager, DefaultModel, SimplePreprocessor, YourModel  # noqa: E402
+from conftest import small_net  # noqa: E402
+from models import (  # noqa: E402
+    SAM,
+    AdversarialTraining,
+    AnimalsDatasetManager,
+    CosineSchedule,
+    DefaultModel,
+    EarlyStopping,
+    InitialWeights,
+    LabelSmoothing,
+    Mixup,
+    SimplePreprocessor,
+    WeightAveraging,
+    WeightDecay,
+    YourModel,
+)
 
 # ------------------------------------------------------------------------------------------------
 # The image tree: class -> [(file name, (height, width), BGR colour or None for a corrupt file)]
@@ -379,14 +396,6 @@ COMMON_ERRORS = [
     (dict(num_blocks=6), "num_blocks=6"),
     (dict(num_blocks=3, width=4, height=16), "num_blocks=3"),
 ]
-YOUR_MODEL_ERRORS = [
-    (dict(mixup_alpha=-0.5), "-0.5"),
-    (dict(adv_eps=-0.01), "-0.01"),
-    (dict(sam_rho=-0.05), "-0.05"),
-    (dict(weight_decay=-1e-4), "-0.0001"),
-    (dict(patience=0), "patience=0"),
-    (dict(lr_schedule="step"), "'step'"),
-]
 
 
 @pytest.mark.parametrize("cls", [DefaultModel, YourModel])
@@ -397,11 +406,157 @@ def test_value_errors(cls, kwargs, named):
     assert named in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs, named", YOUR_MODEL_ERRORS, ids=[str(k) for k, _ in YOUR_MODEL_ERRORS])
-def test_your_model_value_errors(kwargs, named):
+BAD_OPTIONS = [  # an option object with a bad value, and the start of its message
+    (EarlyStopping, dict(patience=0), "EarlyStopping(patience=0): patience must be an integer >= 1"),
+    (EarlyStopping, dict(patience=2.5), "EarlyStopping(patience=2.5): patience must be an integer >= 1"),
+    (
+        EarlyStopping,
+        dict(patience=3, start_from_epoch=-1),
+        "EarlyStopping(start_from_epoch=-1): start_from_epoch",
+    ),
+    (
+        CosineSchedule,
+        dict(warmup_epochs=-2),
+        "CosineSchedule(warmup_epochs=-2): warmup_epochs must be an integer",
+    ),
+    (WeightDecay, dict(rate=-1e-4), "WeightDecay(rate=-0.0001): rate must be > 0"),
+    (WeightAveraging, dict(momentum=1.0), "WeightAveraging(momentum=1.0): momentum must be in (0, 1)"),
+    (WeightAveraging, dict(momentum=0.0), "WeightAveraging(momentum=0.0): momentum must be in (0, 1)"),
+    (LabelSmoothing, dict(alpha=1.0), "LabelSmoothing(alpha=1.0): alpha must be in (0, 1)"),
+    (Mixup, dict(alpha=-0.5), "Mixup(alpha=-0.5): alpha must be > 0"),
+    (Mixup, dict(alpha=0.0), "Mixup(alpha=0.0): alpha must be > 0"),
+    (AdversarialTraining, dict(eps=-0.01), "AdversarialTraining(eps=-0.01): eps must be > 0"),
+    (
+        AdversarialTraining,
+        dict(eps=0.03, steps=0),
+        "AdversarialTraining(steps=0): steps must be an integer >= 1",
+    ),
+    (
+        AdversarialTraining,
+        dict(eps=0.03, step_size=0.0),
+        "AdversarialTraining(step_size=0.0): step_size must be > 0",
+    ),
+    (
+        AdversarialTraining,
+        dict(eps=0.03, validation_steps=True),
+        "AdversarialTraining(validation_steps=True)",
+    ),
+    (
+        AdversarialTraining,
+        dict(eps=0.03, tolerance=-0.1),
+        "AdversarialTraining(tolerance=-0.1): tolerance must be",
+    ),
+    (SAM, dict(rho=-0.05), "SAM(rho=-0.05): rho must be > 0"),
+    (SAM, dict(rho=0.05, fraction=0.0), "SAM(fraction=0.0): fraction must be in (0, 1]"),
+    (SAM, dict(rho=0.05, fraction=1.5), "SAM(fraction=1.5): fraction must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message", BAD_OPTIONS, ids=[f"{c.__name__}{k}" for c, k, _ in BAD_OPTIONS]
+)
+def test_each_option_object_refuses_a_bad_value_in_one_line(cls, kwargs, message):
     with pytest.raises(ValueError) as info:
-        YourModel(**kwargs)
-    assert named in str(info.value)
+        cls(**kwargs)
+    text = str(info.value)
+    assert text.startswith(message) and "\n" not in text
+    assert text.endswith(f"(None instead of a {cls.__name__} turns it off).")
+
+
+def test_initial_weights_refuse_a_missing_file_in_one_line(tmp_path):
+    missing = str(tmp_path / "missing.h5")
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"InitialWeights(path={missing!r}): no such model file")
+    ):
+        InitialWeights(missing)
+
+
+def test_an_option_keyword_takes_its_object_or_none_only():
+    with pytest.raises(ValueError, match=r"^sam=0\.05; allowed: a SAM or None \(off\)\.$"):
+        YourModel(sam=0.05)
+    with pytest.raises(ValueError, match="mixup=SAM"):
+        YourModel(mixup=SAM(rho=0.05))
+    with pytest.raises(TypeError, match="sam_rho"):  # the flat keywords before issue 30 are gone
+        YourModel(sam_rho=0.05)
+    net = YourModel(mixup=Mixup(alpha=0.2), sam=None)
+    assert net.mixup == Mixup(alpha=0.2) and net.sam is None
+
+
+def test_every_option_is_off_unless_passed():
+    """No option is on by default or switched on by another argument: augmentation adds no early stopping."""
+    net = YourModel(is_augmentation=True)
+    assert all(getattr(net, keyword) is None for keyword in YourModel.OPTIONS)
+    assert (
+        net.get_config() == YourModel(is_augmentation=True, **dict.fromkeys(YourModel.OPTIONS)).get_config()
+    )
+    manager = AnimalsDatasetManager()
+    manager.X_valid, manager.y_valid = np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, int)
+    assert net._callbacks(manager, 40) == [] and net._trainer() is net.model  # no trainer around it
+
+
+def every_option(tmp_path):
+    """Every option on, with values other than their defaults; initial weights from a saved small network."""
+    start = small_net()
+    start.build_cnn()
+    start.save(str(tmp_path / "start.h5"))
+    return dict(
+        early_stopping=EarlyStopping(patience=4, start_from_epoch=2),
+        schedule=CosineSchedule(warmup_epochs=1),
+        weight_decay=WeightDecay(rate=1e-4),
+        weight_averaging=WeightAveraging(momentum=0.9),
+        label_smoothing=LabelSmoothing(alpha=0.1),
+        mixup=Mixup(alpha=0.3),
+        adversarial=AdversarialTraining(
+            eps=0.02, steps=3, step_size=0.005, validation_steps=4, tolerance=0.01
+        ),
+        sam=SAM(rho=0.05, fraction=0.5),
+        initial_weights=InitialWeights(str(tmp_path / "start.h5")),
+    )
+
+
+def test_the_configuration_nests_each_option_and_reads_back(tmp_path):
+    """``get_config`` records each option's fields under its keyword (initial weights by their file's
+    content); the experiment cache's record of it, JSON, makes the same network again."""
+    options = every_option(tmp_path)
+    net = small_net(is_augmentation=True, augmenter="resample", **options)
+    config = net.get_config()
+    assert config["sam"] == {"rho": 0.05, "fraction": 0.5}
+    assert config["early_stopping"] == {"patience": 4, "start_from_epoch": 2}
+    assert config["initial_weights"] == {"sha256": models.file_sha256(str(tmp_path / "start.h5"))}
+    recorded = json.loads(json.dumps(config))
+    again = experiments.network_of(
+        YourModel, recorded, {config["initial_weights"]["sha256"]: str(tmp_path / "start.h5")}.get
+    )
+    assert again.get_config() == config
+    assert all(getattr(again, keyword) == option for keyword, option in options.items())
+    without_file = experiments.network_of(YourModel, recorded)  # the file not found: initial weights off
+    assert without_file.initial_weights is None and without_file.get_config() != config
+
+
+def test_a_configuration_recorded_before_issue_30_reads_as_the_options_it_named():
+    course = {k: v for k, v in YourModel(num_classes=10).get_config().items() if k not in YourModel.OPTIONS}
+    flat = dict(
+        course,
+        patience=3,
+        patience_from=30,
+        lr_schedule="cosine",
+        warmup_epochs=2,
+        mixup_alpha=0.2,
+        adv_eps=0.0,
+        adv_k=10,
+        sam_rho=0.05,
+        sam_fraction=0.5,
+        weight_decay=0.0,
+        ema_momentum=0.99,
+        label_smoothing=0.0,
+    )
+    net = experiments.network_of(YourModel, flat)
+    assert net.num_classes == 10 and net.early_stopping == EarlyStopping(patience=3, start_from_epoch=30)
+    assert net.schedule == CosineSchedule(warmup_epochs=2) and net.mixup == Mixup(alpha=0.2)
+    assert net.sam == SAM(rho=0.05, fraction=0.5) and net.weight_averaging == WeightAveraging(momentum=0.99)
+    assert net.adversarial is None and net.weight_decay is None and net.label_smoothing is None
+    assert net.initial_weights is None
+    assert experiments.network_of(YourModel, dict(flat, patience=None)).early_stopping is None
 
 
 def test_error_messages_say_what_is_allowed():
@@ -411,41 +566,44 @@ def test_error_messages_say_what_is_allowed():
         DefaultModel(drop_rate=1.0)
     with pytest.raises(ValueError, match=r"\[1, 5\]"):
         YourModel(num_blocks=6)
-    with pytest.raises(ValueError, match="cosine"):
-        YourModel(lr_schedule="linear")
     with pytest.raises(ValueError, match="crop_flip"):
         YourModel(augmenter="blur")
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        YourModel(warmup_epochs=2)  # a warm-up belongs to the cosine schedule
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-    net = YourModel(lr_schedule="cosine", warmup_epochs=2, learning_rate=1e-3, verbose=False)
-    schedule = net._learning_rate(steps_per_epoch=10, num_epochs=12)
+    schedule = CosineSchedule(warmup_epochs=2).learning_rate(1e-3, steps_per_epoch=10, num_epochs=12)
     rates = np.array([float(schedule(step)) for step in range(121)])
     np.testing.assert_allclose(rates[:21], np.linspace(0, 1e-3, 21), rtol=1e-5, atol=1e-12)  # warm-up
     decay = 0.5 * 1e-3 * (1 + np.cos(np.pi * np.arange(101) / 100))  # cosine over the other 100 steps
     np.testing.assert_allclose(rates[20:], decay, rtol=1e-4, atol=1e-9)
-    plain = YourModel(lr_schedule="cosine", learning_rate=1e-3, verbose=False)._learning_rate(10, 12)
+    plain = CosineSchedule().learning_rate(1e-3, 10, 12)
     assert float(plain(0)) == pytest.approx(1e-3)  # no warm-up by default
-    made = YourModel(lr_schedule="cosine", warmup_epochs=2, learning_rate=1e-3, num_epochs=12, verbose=False)
+    made = YourModel(
+        schedule=CosineSchedule(warmup_epochs=2), learning_rate=1e-3, num_epochs=12, verbose=False
+    )
     optimizer = made._make_optimizer(steps_per_epoch=10, num_epochs=12)  # fit's epochs (or the constructor's)
     rates = []
     for step in (0, 10, 20, 120):
         optimizer.iterations.assign(step)
         rates.append(float(optimizer.learning_rate))
     np.testing.assert_allclose(rates, [0, 5e-4, 1e-3, 0], atol=1e-9)
+    constant = YourModel(learning_rate=1e-3, verbose=False)._make_optimizer(10, 12)
+    assert float(constant.learning_rate) == pytest.approx(1e-3)
 
 
-def test_early_stopping_watches_from_patience_from():
+def test_early_stopping_watches_from_start_from_epoch():
     manager = AnimalsDatasetManager()
     manager.X_valid, manager.y_valid = np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, int)
-    (stopper,) = YourModel(patience=3, patience_from=20, verbose=False)._callbacks(manager, 40)
+    stopping = EarlyStopping(patience=3, start_from_epoch=20)
+    (stopper,) = YourModel(early_stopping=stopping, verbose=False)._callbacks(manager, 40)
     assert (stopper.monitor, stopper.patience, stopper.start_from_epoch) == ("val_accuracy", 3, 20)
-    assert stopper.restore_best_weights
-    adversarial = YourModel(adv_eps=0.03, patience=5, robust_tolerance=0.01, verbose=False)._callbacks(
-        manager, 40
-    )
+    assert stopper.restore_best_weights and isinstance(stopper, keras.callbacks.EarlyStopping)
+    assert (
+        YourModel(early_stopping=stopping)._callbacks(manager, 40)[0] is not stopper
+    )  # a fresh one each fit
+    adversarial = YourModel(
+        adversarial=AdversarialTraining(eps=0.03, tolerance=0.01), early_stopping=EarlyStopping(patience=5)
+    )._callbacks(manager, 40)
     assert [type(cb).__name__ for cb in adversarial] == [
         "RobustValidation",
         "RobustCheckpoint",
@@ -453,12 +611,16 @@ def test_early_stopping_watches_from_patience_from():
     ]
     assert adversarial[1].tolerance == 0.01
     assert adversarial[2].monitor == "val_pgd_accuracy" and not adversarial[2].restore_best_weights
-    averaged = YourModel(adv_eps=0.03, ema_momentum=0.99, verbose=False)._callbacks(manager, 40)
+    averaged = YourModel(
+        adversarial=AdversarialTraining(eps=0.03), weight_averaging=WeightAveraging(momentum=0.99)
+    )._callbacks(manager, 40)
     # the averaged weights are swapped in first, so that the robust validation and checkpoint see them
     names = [type(cb).__name__ for cb in averaged]
-    assert names[:3] == ["SwapEMAWeights", "RobustValidation", "RobustCheckpoint"]
-    optimizer = YourModel(ema_momentum=0.99, verbose=False)._make_optimizer(10, 20)
+    assert names == ["SwapEMAWeights", "RobustValidation", "RobustCheckpoint"]
+    optimizer = YourModel(weight_averaging=WeightAveraging(momentum=0.99))._make_optimizer(10, 20)
     assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.99)
+    decayed = YourModel(weight_decay=WeightDecay(rate=1e-4))._make_optimizer(10, 20)
+    assert decayed.weight_decay == pytest.approx(1e-4) and not decayed.use_ema
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "nadam", "adagrad", "rmsprop", "adadelta", "sgd"])
@@ -487,25 +649,6 @@ def tiny_manager(n_train=48, n_valid=24, size=16, num_classes=3, seed=0, valid_l
     )
     manager.X_test, manager.y_test = make(n_valid)
     return manager
-
-
-def small_net(cls=YourModel, **kwargs):
-    defaults = dict(
-        width=16,
-        height=16,
-        num_blocks=1,
-        feature_maps=4,
-        num_classes=3,
-        batch_norm=True,
-        drop_rate=0.2,
-        batch_size=16,
-        num_epochs=1,
-        learning_rate=1e-3,
-        verbose=False,
-    )
-    if cls is DefaultModel:
-        defaults.update(feature_maps=32, num_blocks=2, batch_norm=None)
-    return cls(**{**defaults, **kwargs})
 
 
 class WeightRecorder(keras.callbacks.Callback):
@@ -545,20 +688,34 @@ def test_fit_predict_and_accuracy():
     assert accuracy == pytest.approx(history["val_accuracy"][-1], abs=1e-6)
 
 
-def test_augmentation_trains_and_stops_early_with_default_patience():
-    """With augmentation, patience defaults to 3: validation labels of a class never seen in training
-    can't improve after epoch 1, so training stops after 1 + 3 epochs and restores epoch 1."""
+def augmented_run(**options):
+    """An augmented run of 8 epochs whose validation labels are of a class never seen in training: its
+    validation accuracy cannot improve after epoch 1. Returns (network, weights after each epoch)."""
     manager = tiny_manager(valid_label=2)
     manager.y_train = manager.y_train % 2  # classes 0 and 1 only
-    net = small_net(is_augmentation=True, num_epochs=8)
+    net = small_net(is_augmentation=True, num_epochs=8, **options)
     net.build_cnn()
     recorder = record_weights(net)
-    history = net.fit(manager, callbacks=[recorder])
-    assert len(history["loss"]) == 4 and np.all(np.isfinite(history["loss"]))
+    net.fit(manager, callbacks=[recorder])
+    return net, recorder.weights
+
+
+def test_augmentation_with_question_3_5s_early_stopping_stops_and_restores_the_best_epoch():
+    """Question 3.5's rule, written at the call: patience 3 stops after 1 + 3 epochs and restores epoch 1."""
+    net, weights = augmented_run(early_stopping=EarlyStopping(patience=3))
+    assert len(net.history["loss"]) == 4 and np.all(np.isfinite(net.history["loss"]))
     assert net.best_epoch == 1
-    assert_same_weights(net.model.get_weights(), recorder.weights[0])
+    assert_same_weights(net.model.get_weights(), weights[0])
     with pytest.raises(AssertionError):  # the restore really changed the weights
-        assert_same_weights(net.model.get_weights(), recorder.weights[-1])
+        assert_same_weights(net.model.get_weights(), weights[-1])
+
+
+def test_augmentation_with_early_stopping_off_trains_every_epoch_and_keeps_the_last():
+    net, weights = augmented_run(early_stopping=None)
+    assert len(net.history["loss"]) == len(weights) == 8 and net.best_epoch is None
+    assert_same_weights(net.model.get_weights(), weights[-1])
+    with pytest.raises(AssertionError):  # the last epoch's weights are not the first's (the test can fail)
+        assert_same_weights(net.model.get_weights(), weights[0])
 
 
 def test_augmenter_changes_training_batches_only():
@@ -600,7 +757,7 @@ def test_early_stopping_without_augmentation_restores_best_epoch(patience):
     kept weights are those of its first maximum, and training ran best_epoch + patience epochs (or all)."""
     manager = tiny_manager(seed=patience)
     manager.y_valid = np.random.RandomState(7).randint(0, 3, len(manager.y_valid))
-    net = small_net(patience=patience, num_epochs=6, learning_rate=0.05)
+    net = small_net(early_stopping=EarlyStopping(patience=patience), num_epochs=6, learning_rate=0.05)
     net.build_cnn()
     recorder = record_weights(net)
     history = net.fit(manager, callbacks=[recorder])
@@ -614,7 +771,7 @@ def test_early_stopping_without_augmentation_restores_best_epoch(patience):
 def test_early_stopping_on_a_validation_set_that_cannot_improve():
     manager = tiny_manager(valid_label=2)
     manager.y_train = manager.y_train % 2
-    net = small_net(patience=2, num_epochs=10, drop_rate=0.0)
+    net = small_net(early_stopping=EarlyStopping(patience=2), num_epochs=10, drop_rate=0.0)
     net.build_cnn()
     recorder = record_weights(net)
     history = net.fit(manager, callbacks=[recorder])

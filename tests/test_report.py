@@ -62,13 +62,17 @@ def test_compare_calls_a_difference_a_gain_only_when_mcnemar_rejects_equality():
     assert gain["direction"] == "gain" and gain["significant"]
     assert gain["difference"] == pytest.approx(18 / len(a))
     assert gain["p_value"] == pytest.approx(exact_two_sided(2, 22))
-    assert gain["words"].startswith("a significant gain in validation accuracy of +0.043")
+    assert gain["words"] == "a gain, 0.716 → 0.758 (+0.043, significant: McNemar p = 0.00012)"
     loss = compare("B", "A", "validation accuracy", correct_a=b, correct_b=a)
-    assert loss["direction"] == "loss" and loss["words"].startswith("a significant loss")
+    assert loss["direction"] == "loss"
+    assert loss["words"] == "a loss, 0.758 → 0.716 (-0.043, significant: McNemar p = 0.00012)"
     a, b = masks(9, 12)
     flat = compare("A", "B", "test accuracy", correct_a=a, correct_b=b)
     assert flat["direction"] == "no measurable change" and not flat["significant"]
-    assert flat["words"].startswith("no measurable change in test accuracy: +0.007")
+    assert flat["words"] == "no measurable change, 0.734 → 0.741 (+0.007, McNemar p = 0.66)"
+    # the figures the words leave out stay in the record
+    assert flat["metric"] == "test accuracy" and flat["detail"] == "12 vs 9 discordant images"
+    assert (flat["a"], flat["b"]) == (pytest.approx(309 / 421), pytest.approx(312 / 421))
 
 
 def test_compare_on_seed_means_uses_welchs_test_and_claims_nothing_from_one_seed():
@@ -76,12 +80,43 @@ def test_compare_on_seed_means_uses_welchs_test_and_claims_nothing_from_one_seed
         "A", "B", "validation accuracy", values_a=[0.80, 0.801, 0.799], values_b=[0.85, 0.851, 0.849]
     )
     assert apart["direction"] == "gain" and apart["test"] == "Welch t"
+    assert apart["words"] == "a gain, 0.800 → 0.850 (+0.050, significant: Welch t p = 4.3e-07)"
     overlap = compare(
         "A", "B", "validation accuracy", values_a=[0.80, 0.83, 0.77], values_b=[0.81, 0.78, 0.84]
     )
     assert overlap["direction"] == "no measurable change"
+    assert overlap["words"] == "no measurable change, 0.800 → 0.810 (+0.010, Welch t p = 0.7)"
+    assert overlap["detail"] == "3 vs 3 seeds"
     single = compare("A", "B", "validation accuracy", values_a=[0.80], values_b=[0.90])
-    assert single["direction"] == "no measurable change" and "one seed" in single["words"]
+    assert single["direction"] == "no measurable change"
+    assert single["words"] == "no measurable change, 0.800 → 0.900 (+0.100, no test with one seed)"
+
+
+def test_compare_words_say_each_qualifier_once_and_leave_the_metric_to_the_sentence():
+    """Each word once (the verdict, "significant", the test), and none of the metric's: the sentence around
+    the words names it ("under PGD-20, a gain, ...")."""
+    a, b = masks(2, 20)
+    metric = "test accuracy under PGD-20 (2 seeds pooled)"
+    for record in (
+        compare("A", "B", metric, correct_a=a, correct_b=b),
+        compare("B", "A", metric, correct_a=b, correct_b=a),
+        compare("A", "B", metric, correct_a=a, correct_b=a),
+        compare("A", "B", metric, values_a=[0.80, 0.801], values_b=[0.85, 0.851]),
+    ):
+        words = record["words"].replace("(", " ").replace(")", " ").replace(",", " ").replace(":", " ")
+        names = [word for word in words.split() if word[0].isalpha()]
+        assert len(names) == len(set(names)), record["words"]
+        assert not {"test", "accuracy", "under", "PGD-20", "seeds", "pooled"} & set(names), record["words"]
+        assert record["metric"] == metric
+
+
+def test_a_significant_p_value_never_reads_as_alpha():
+    """p = 0.0496 rounded to two digits would be "p = 0.05" beside "significant": it gets a third digit."""
+    a, b = masks(2, 20)
+    record = dict(compare("A", "B", "accuracy", correct_a=a, correct_b=b), p_value=0.0496)
+    assert rerender(record).endswith("(+0.043, significant: McNemar p = 0.0496)")
+    assert rerender(dict(record, p_value=0.051)).endswith("(+0.043, McNemar p = 0.051)")
+    assert rerender(dict(record, p_value=0.00012345)).endswith("significant: McNemar p = 0.00012)")
 
 
 def test_compare_refuses_mixed_or_missing_figures():

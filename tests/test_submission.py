@@ -21,12 +21,14 @@ pytestmark = pytest.mark.notebook
 
 @pytest.fixture(scope="module")
 def submission(tmp_path_factory):
-    """(the zip, what `make submission` printed), built in a copy of the committed project."""
+    """(the zip, what `make submission EXAMPLE=1` printed), built in a copy of the committed project (whose
+    student.json holds the template's placeholders)."""
     project = tmp_path_factory.mktemp("project")
     checkout_copy(project)
     (project / ".venv").symlink_to(Path(sys.prefix))
     out = tmp_path_factory.mktemp("zip")
-    proc = run(["make", "-s", "--no-print-directory", "submission", f"SUBMISSION_DIR={out}"], cwd=project)
+    make = ["make", "-s", "--no-print-directory", "submission", "EXAMPLE=1", f"SUBMISSION_DIR={out}"]
+    proc = run(make, cwd=project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (archive,) = out.glob("*_assignment01_solution.zip")
     return archive, proc.stdout
@@ -114,7 +116,8 @@ def test_part2_setup_runs_in_the_unzipped_submission(unzipped, tmp_path):
         unzipped / "Assignment01_Part2_solution.ipynb", unzipped, tmp_path / "Part2.ipynb", until="set_seed"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Student Information" in text_of(executed)
+    (block,) = [c for c in executed.cells if "student-info" in c.metadata.get("tags", [])]
+    assert block.cell_type == "markdown" and "Student Information" in block.source
 
 
 def test_part3_setup_reuses_the_first_experiment_in_the_unzipped_submission(unzipped, animals, tmp_path):

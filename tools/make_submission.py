@@ -1,6 +1,13 @@
 """Build the submission zip the assignment asks for (`make submission` calls it from the project root).
 
-    python tools/make_submission.py TARGET.zip NOTEBOOK.ipynb ...
+    python tools/make_submission.py [--example] FOLDER NOTEBOOK.ipynb ...
+
+writes FOLDER/<student_id>_assignment01_solution.zip, the ID from student.json. First, everything must agree
+with student.json (tools/personalise.py's `problems`), or the build is refused with one line per problem
+naming it and the command that fixes it: student.json missing or bad, or still holding the template's
+placeholders (accepted with --example, the committed example's build); a notebook whose Student
+Information block differs from it; Part 1's Question 1.3 computed for another student ID. So a zip named for
+one student never holds another's notebooks.
 
 The zip is the project cut down to what the notebooks need to run and to reuse their training, so that
 a marker can unzip it, add the Animals images and execute any notebook without retraining:
@@ -9,9 +16,11 @@ a marker can unzip it, add the Animals images and execute any notebook without r
   every local image their Markdown shows;
 - models.py and every project module the notebooks import, followed through the modules' own imports;
 - student.json and requirements.txt;
-- results/: the figures (part*.json) and every experiment-cache record (results/cache/**/*.json);
+- results/: the figures (part*.json), every experiment-cache record (results/cache/**/*.json) and every
+  evaluation record (results/evaluations/**/*.json: what was measured on the models, and Part 2's runs);
 - every model those name: models/<entry>.h5 of each cache record, the model a record was trained from
-  (found by its recorded sha256), and each models/... .h5 path that results/part*.json mentions;
+  (found by its recorded sha256), the networks of Part 2's run records, and each models/... .h5 path that
+  results/part*.json mentions;
 - README.md: how to run it (written by this script, not the project's README).
 
 Nothing is typed into a list here: every file comes from the notebooks, the records or the results, so
@@ -20,6 +29,7 @@ before anything is exported. Prints the files and the zip's size. Paths are rela
 folder; $PYTHON is passed on to export_html.sh.
 """
 
+import argparse
 import ast
 import hashlib
 import importlib.util
@@ -32,17 +42,19 @@ import zipfile
 from pathlib import Path
 
 import nbformat
+import personalise
 
 IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img[^>]*\ssrc=[\"']([^\"']+)[\"']")
 CACHE = Path("results") / "cache"
+EVALUATIONS = Path("results") / "evaluations"
 
 README = """\
 # FIT3181 Assignment 1: the submission, ready to run
 
 The notebooks ({notebooks}) are the solution, executed top to bottom in the full profile; the
 `*_output.html` files show the same as HTML. The Python modules beside them are the code the notebooks
-import; `models/` holds the {models} trained models and `results/cache/` the records that let the Part 3
-notebook reuse them instead of training for hours.
+import; `models/` holds the {models} trained models, and `results/cache/` and `results/evaluations/` the
+records that let the notebooks reuse them, and what was measured on them, instead of computing for hours.
 
 To run a notebook here (Python 3.11), install the pinned versions and give Part 3 the Animals images:
 
@@ -54,9 +66,10 @@ mkdir -p datasets && ln -s /path/to/Animals datasets/Animals   # or: export ANIM
 
 The Animals images (`<class>/<image>`, from the course's Moodle page) are not in the zip; Part 3 stops with
 a one-line error naming the folder if they are missing. Part 2 downloads Fashion-MNIST itself through Keras.
-Part 3 reuses every model whose record still matches the code, data and library versions (it prints
-"Reused ..."); `.venv/bin/python -m experiments check` says whether every record is current. Set
-`FORCE_RETRAIN = True` in Part 3's parameters cell to retrain everything instead (hours on a CPU).
+Parts 2 and 3 reuse every model and evaluation whose record still matches the code, data and library versions
+(each ends with a line saying what it reused and what it computed); `.venv/bin/python -m experiments check`
+says whether every record is current. Set `FRESH = "evaluations"` in a notebook's parameters cell to
+recompute what is measured on the models, or `FRESH = "all"` to retrain everything too (hours on a CPU).
 """
 
 
@@ -136,6 +149,14 @@ def mentioned_models(value):
     return [path for item in items for path in mentioned_models(item)]
 
 
+def saved_models(value):
+    """The model files an evaluation record's result names ({"__keras_model__": path, ...}: Part 2's runs)."""
+    if isinstance(value, dict) and "__keras_model__" in value:
+        return [value["__keras_model__"]]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [path for item in items for path in saved_models(item)]
+
+
 def sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,13 +170,16 @@ def results_and_models():
     Returns (files, problems): problems name what is missing, one line each."""
     results = sorted(str(p) for p in Path("results").glob("part*.json"))
     records = sorted(str(p) for p in CACHE.rglob("*.json"))
+    evaluations = sorted(str(p) for p in EVALUATIONS.rglob("*.json"))
     models, problems, sources = [], [], []
+    for record in evaluations:
+        models += saved_models(json.loads(Path(record).read_text()).get("result"))
     for record in records:
         name = str(Path(record).relative_to(CACHE)).removesuffix(".json")  # names hold dots: "rho0.05"
         models.append(str(Path("models") / f"{name}.h5"))
         config = json.loads(Path(record).read_text()).get("key_parts", {}).get("config", {})
-        if "init_from_sha256" in config:
-            sources.append((record, config["init_from_sha256"]))
+        if config.get("initial_weights"):  # trained from a saved model, recorded by its sha256
+            sources.append((record, config["initial_weights"]["sha256"]))
     for result in results:
         for path in mentioned_models(json.loads(Path(result).read_text())):
             normal = os.path.normpath(path)
@@ -176,14 +200,23 @@ def results_and_models():
             models.append(elsewhere[0])
         else:
             problems.append(f"the model {record} was trained from (sha256 {digest[:12]}...)")
-    return results + records + sorted(set(models)), problems
+    return results + records + evaluations + sorted(set(models)), problems
 
 
 def main(argv):
-    target, notebooks = Path(argv[0]), argv[1:]
+    parser = argparse.ArgumentParser(description="Build <student_id>_assignment01_solution.zip in FOLDER.")
+    parser.add_argument("--example", action="store_true", help="accept the template's placeholders")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("notebooks", nargs="+")
+    args = parser.parse_args(argv)
+    notebooks = args.notebooks
     missing = [nb for nb in notebooks if not Path(nb).is_file()]
     if missing:
-        sys.exit(f"error: cannot build {target}: missing {', '.join(missing)}")
+        sys.exit(f"error: cannot build the submission: missing {', '.join(missing)}")
+    refused = personalise.problems(notebooks, args.example)
+    if refused:
+        sys.exit("\n".join(f"error: cannot build the submission: {line}" for line in refused))
+    target = args.folder / f"{personalise.read_student()['student_id']}_assignment01_solution.zip"
     figures = [path for nb in notebooks for path in local_images(nb)]
     files = [*notebooks, *project_modules(notebooks), "student.json", "requirements.txt", *figures]
     data, problems = results_and_models()
@@ -211,6 +244,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: python tools/make_submission.py TARGET.zip NOTEBOOK.ipynb ...")
     main(sys.argv[1:])

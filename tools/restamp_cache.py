@@ -11,9 +11,13 @@ The proof has three steps; the records are rewritten only when all three pass.
    stopping and the warm-up cosine schedule; mixup with weight decay and label smoothing; PGD
    adversarial training from saved weights with the checkpoint rule; SAM) run once with each code,
    each code in a fresh process, on the same small synthetic data; the sha256 of every trained
-   network's weights and of its history must be equal.
-3. Each entry's configuration read by the new code equals the recorded one, except for options that
-   the new code adds, which must hold the value its constructor defaults to (the option is off).
+   network's weights and of its history must be equal. Each code makes each probe from the same recorded
+   configuration with its own ``ExperimentCache.recorded_network``, as it reads a cache entry, so the
+   probes also prove that the new code reads a record as the old code did.
+3. Each entry's configuration read by the new code says what the recorded one says: the same values
+   (a configuration recorded before issue 30, whose options were flat keywords, compared in those
+   keywords: ``flat_config``), plus options that the new code adds, which must hold the value its
+   constructor defaults to (the option is off).
 
     python tools/restamp_cache.py --since b1a6b4c [--folder .] [--animals datasets/Animals]
 """
@@ -33,11 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")  # the child processes: no TensorFlow start-up noise
 
-# name -> (class, constructor options, fit epochs); "init_from": "<probe>" starts from that probe's
-# trained weights. Small networks and data: the point is the code path, not the accuracy. The probes
-# switch on every option the committed entries use (a test checks it), and only options the old code
-# knows: weight averaging (ema_momentum) joined them after it served to re-stamp the cache since b1a6b4c,
-# SAM on a fraction of the steps (the "sam_fraction" probe) after it served since ae0729d.
+# name -> (class, recorded configuration, fit epochs): a configuration as the records before issue 30 hold
+# it (YourModel's options as flat keywords, which every code since reads: experiments.from_flat), so that
+# the code of any commit since 8436b95 can make the probe; "init_from": "<probe>" starts from that probe's
+# trained weights (recorded by their sha256). Small networks and data: the point is the code path, not the
+# accuracy. The probes switch on every option the committed entries use (a test checks it), and only
+# options the old code knows: weight averaging (ema_momentum) joined them after it served to re-stamp the
+# cache since b1a6b4c, SAM on a fraction of the steps (the "sam_fraction" probe) after it served since
+# ae0729d.
 SMALL = dict(num_blocks=2, feature_maps=8, num_classes=4, batch_size=16)
 CNN = dict(SMALL, batch_norm=True, is_augmentation=True, lr_schedule="cosine", learning_rate=1e-3)
 PROBES = {
@@ -70,10 +77,12 @@ PROBES = {
 
 
 def run_probes(out):
-    """Trains every probe with the ``models`` module on ``sys.path`` (the code under test) and writes
-    {probe: {"weights": sha256, "history": sha256}} to ``out``."""
+    """Trains every probe with the ``models`` and ``experiments`` modules on ``sys.path`` (the code under
+    test), each made by that code's ``ExperimentCache.recorded_network`` from its recorded configuration,
+    and writes {probe: {"weights": sha256, "history": sha256}} to ``out``."""
     import numpy as np
 
+    import experiments
     import models
 
     rng = np.random.RandomState(0)
@@ -82,16 +91,18 @@ def run_probes(out):
     data.y_train = rng.randint(0, 4, 64)
     data.X_valid = rng.uniform(-1, 1, (32, 32, 32, 3)).astype(np.float32)
     data.y_valid = rng.randint(0, 4, 32)
-    folder, digests = Path(tempfile.mkdtemp()), {}
+    cache, digests = experiments.ExperimentCache(tempfile.mkdtemp(), data), {}
     for name, (cls, options, epochs) in PROBES.items():
-        options = dict(options, verbose=False)
-        if "init_from" in options:
-            options["init_from"] = str(folder / f"{options['init_from']}.h5")
-        network = getattr(models, cls)(**options)
+        config = dict(options, **{"class": cls})
+        if "init_from" in config:
+            start = cache.model_path(config.pop("init_from")).read_bytes()
+            config["init_from_sha256"] = hashlib.sha256(start).hexdigest()
+        network = cache.recorded_network(getattr(models, cls), config)
+        network.verbose = False
         network.build_cnn()
         with contextlib.redirect_stdout(io.StringIO()):
             network.fit(data, num_epochs=epochs)
-        network.save(str(folder / f"{name}.h5"))
+        network.save(str(cache.model_path(name)))
         arrays = network.model.get_weights()
         weights = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in arrays))
         history = hashlib.sha256(json.dumps(network.history, sort_keys=True).encode())
@@ -122,6 +133,43 @@ def worktree(commit):
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=True)
 
 
+def flat_config(config):
+    """A configuration as ``YourModel.get_config`` records it since issue 30, in the flat keywords of the
+    records before it (``experiments.FLAT_OPTIONS``): the inverse of ``experiments.from_flat``. An option
+    that is off gives each of its keys the value that meant off, but for initial weights, whose key the old
+    records hold only when they start from saved weights; the old schedule key holds "cosine", the one
+    schedule there was."""
+    import experiments
+
+    flat = {key: value for key, value in config.items() if key not in experiments.FLAT_OPTIONS}
+    for keyword, keys in experiments.FLAT_OPTIONS.items():
+        fields = config.get(keyword)
+        for key, (field, off) in keys.items():
+            if fields is not None:
+                flat[key] = fields[field] if field else "cosine"
+            elif key != "init_from_sha256":
+                flat[key] = off
+    return flat
+
+
+def config_problems(cls, recorded, config):
+    """What the configuration the new code reads (``config``) says otherwise than the ``recorded`` one: a
+    recorded value read as another, or an option that the new code adds not at its constructor's default."""
+    import experiments
+
+    said = config if experiments.from_flat(recorded) is recorded else flat_config(config)
+    defaults = inspect.signature(cls.__init__).parameters
+    problems = [
+        f"{k} reads as {said.get(k)!r}, recorded {v!r}" for k, v in recorded.items() if said.get(k) != v
+    ]
+    problems += [
+        f"new option {k}={v!r} is not its default"
+        for k, v in said.items()
+        if k not in recorded and (k not in defaults or defaults[k].default != v)
+    ]
+    return problems
+
+
 def restamp(folder, animals, since):
     """Step 3 and the rewrite (see the module docstring); returns the number of entries refused."""
     import experiments
@@ -141,18 +189,7 @@ def restamp(folder, animals, since):
         parts = experiments.key_parts(
             network, data, old["config"]["fit_batch_size"], old["config"]["fit_num_epochs"]
         )
-        defaults = inspect.signature(cls.__init__).parameters
-        added = {k: v for k, v in parts["config"].items() if k not in old["config"]}
-        problems = [
-            f"{k} reads as {parts['config'].get(k)!r}, recorded {v!r}"
-            for k, v in old["config"].items()
-            if parts["config"].get(k) != v
-        ]
-        problems += [
-            f"new option {k}={v!r} is not its default"
-            for k, v in added.items()
-            if k not in defaults or defaults[k].default != v
-        ]
+        problems = config_problems(cls, old["config"], parts["config"])
         problems += [f"its {p} differs" for p in ("data", "versions") if parts[p] != old[p]]
         if problems:
             print(f"{name}: refused ({'; '.join(problems)})")
@@ -160,8 +197,8 @@ def restamp(folder, animals, since):
             continue
         migrations = record.get("restamped", []) + [{"since": since, "key": record["key"]}]
         write_json(dict(record, key=experiments.key_of(parts), key_parts=parts, restamped=migrations), path)
-        added_text = f" (new options at their defaults: {added})" if added else ""
-        print(f"{name}: re-stamped{added_text}")
+        on = [keyword for keyword in getattr(cls, "OPTIONS", {}) if parts["config"][keyword] is not None]
+        print(f"{name}: re-stamped" + (f" (options on: {', '.join(on)})" if on else ""))
     return refused
 
 
@@ -194,7 +231,12 @@ def main():
             capture_output=True,
             text=True,
         )
-        print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr[-2000:])
+        totals = [
+            line
+            for line in check.stdout.splitlines()
+            if line.split(" ")[1:2] in (["entries,"], ["evaluations,"])
+        ]
+        print("\n".join(totals) if totals else check.stderr[-2000:])
         if check.returncode != 0:
             print(check.stdout)
             return 1
