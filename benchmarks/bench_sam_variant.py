@@ -4,14 +4,18 @@ Question 3.10's idea (SAM's step on a random fraction of the steps, a plain step
 compute, so its cost must be measured fairly: this machine's speed drifts by up to 1.5x within minutes, so
 seconds per epoch of runs trained at different times cannot be compared. Here the three contenders train in
 one process, one epoch each in turn: a warm-up round (tracing), then ``--rounds`` timed rounds, the order
-rotated every round so that no contender always goes first. Each contender is the notebook's own
-``YourModel.fit`` (the 3.7 configuration of the SAM study: the 3.4 architecture, cosine schedule with a
-2-epoch warm-up, batch 64, crop-and-flip augmentation, mixup alpha 0.2, no early stopping), in its own
-thread; a callback lets exactly one epoch run at a time. An epoch is timed from its start to the end of its
-validation, as the training runs record it. Reported: the median of each contender's timed epochs, its
-spread (min-max), and its ratio to plain training's median, the cost the study's compute budgets use.
+rotated every round so that no contender always goes first. Each contender is a YourModel of the SAM
+study's configuration (the 3.7 configuration: the 3.4 architecture, cosine schedule with a 2-epoch warm-up,
+batch 64, crop-and-flip augmentation, mixup alpha 0.2, no early stopping), compiled and fed as
+``DefaultModel.fit`` does it (the same trainer, optimizer, loss, metric and dataset), and trained one epoch
+per ``fit`` call on that one compiled trainer, so that its training function is traced once and its
+optimizer state carries on. An epoch is timed from its start to the end of its validation, as the training
+runs record it. Reported: the median of each contender's timed epochs, their range, and the median's ratio
+to plain training's median, the cost the study's compute budgets use. (Threads taking turns inside one
+``fit`` each were tried first: the waiting contenders' input pipelines kept working beside the timed epoch,
+and two of four rounds came out 3-5 times slower.)
 
-    .venv/bin/python benchmarks/bench_sam_variant.py                   # 1 warm-up + 4 timed rounds
+    .venv/bin/python benchmarks/bench_sam_variant.py                   # 1 warm-up + 6 timed rounds
     .venv/bin/python benchmarks/bench_sam_variant.py --rounds 2 --quick   # smoke run: 100 images per class
 
 Prints a Markdown table and writes ``runs/bench_sam_variant.json`` (``--out``).
@@ -21,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from bench_training import REPO_ROOT, load_data, machine  # noqa: E402
 
 import models  # noqa: E402
@@ -58,74 +62,50 @@ CONTENDERS = {
 }
 
 
-class Turns:
-    """Lets the contenders' epochs run one at a time, in the order of ``order`` (a list of names)."""
+def contender(name, manager, epochs):
+    """A function that trains contender ``name`` for one more epoch and returns its seconds; its network
+    is compiled once for a run of ``epochs`` epochs (the schedule's length), as ``DefaultModel.fit`` does."""
+    network = models.YourModel(name=name.replace(" ", "_"), **CONFIGURATION, **CONTENDERS[name])
+    network.build_cnn()
+    keras.utils.set_random_seed(network.seed)
+    batch_size = network.batch_size
+    trainer = network._trainer()
+    trainer.compile(
+        optimizer=network._make_optimizer(int(np.ceil(len(manager.X_train) / batch_size)), epochs),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    dataset = network._train_dataset(manager.X_train, manager.y_train, batch_size)
+    onehot = keras.utils.to_categorical(manager.y_valid, network.num_classes).astype(np.float32)
+    callbacks = network._callbacks(manager, epochs)
 
-    def __init__(self, order, timeout=1800):
-        self.order, self.next, self.timeout = order, 0, timeout
-        self.condition = threading.Condition()
-        self.failed = None
+    def one_epoch():
+        start = time.perf_counter()
+        trainer.fit(
+            dataset,
+            validation_data=(manager.X_valid, onehot),
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        return time.perf_counter() - start
 
-    def wait_for(self, name):
-        with self.condition:
-            if not self.condition.wait_for(
-                lambda: self.failed or self.order[self.next] == name, timeout=self.timeout
-            ):
-                raise TimeoutError(f"{name} waited {self.timeout} s for its turn")
-            if self.failed:
-                raise RuntimeError(f"{name} stopped: {self.failed}")
-
-    def done(self):
-        with self.condition:
-            self.next += 1
-            self.condition.notify_all()
-
-    def fail(self, reason):
-        with self.condition:
-            self.failed = reason
-            self.condition.notify_all()
-
-
-class TakeTurns(keras.callbacks.Callback):
-    """Waits for the contender's turn before each epoch and times the epoch (training and validation)."""
-
-    def __init__(self, name, turns):
-        super().__init__()
-        self.name, self.turns, self.seconds = name, turns, []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.turns.wait_for(self.name)
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
-        self.turns.done()
+    return one_epoch
 
 
 def interleaved(manager, rounds):
-    """{name: [seconds of each epoch]} of 1 + ``rounds`` epochs per contender, taken in turn."""
+    """{name: [seconds of each epoch]} of 1 + ``rounds`` epochs per contender, one epoch of each in turn, the
+    order rotated every round."""
     names = list(CONTENDERS)
-    order = [names[(i + r) % len(names)] for r in range(1 + rounds) for i in range(len(names))]
-    turns = Turns(order)
-    timers = {name: TakeTurns(name, turns) for name in names}
-
-    def train(name):
-        try:
-            network = models.YourModel(name=name.replace(" ", "_"), **CONFIGURATION, **CONTENDERS[name])
-            network.build_cnn()
-            network.fit(manager, num_epochs=1 + rounds, callbacks=[timers[name]])
-        except BaseException as error:  # the others must not wait for a turn that never comes
-            turns.fail(f"{name}: {error!r}")
-            raise
-
-    threads = [threading.Thread(target=train, args=(name,), name=name) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if turns.failed:
-        raise RuntimeError(turns.failed)
-    return {name: timer.seconds for name, timer in timers.items()}
+    epochs = {name: contender(name, manager, 1 + rounds) for name in names}
+    seconds = {name: [] for name in names}
+    for r in range(1 + rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            seconds[name].append(epochs[name]())
+            print(f"round {r}{' (warm-up)' if r == 0 else ''}: {name} {seconds[name][-1]:.2f} s", flush=True)
+    return seconds
 
 
 def summary(seconds):
@@ -165,7 +145,7 @@ def markdown(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="timed rounds (after 1 warm-up round), >= 2")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (after 1 warm-up round), >= 2")
     parser.add_argument("--quick", action="store_true", help="100 images per class (800 train)")
     parser.add_argument("--npz", help="cache of the loaded split: read if it exists, else written")
     parser.add_argument("--animals-dir", help="default: $ANIMALS_DIR, else datasets/Animals")
