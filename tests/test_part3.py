@@ -40,14 +40,12 @@ REQUIRED = {
     "best_clean": {"name", "val_acc", "test_acc", "model", "test_acc_flip_tta"},
     "apgd": {"library", "eps", "iterations", "targets", "models"},
     "sam_variant": {
-        "epochs",
-        "seeds",
-        "rho",
-        "fraction",
-        "equal_compute_epochs",
+        "design",
         "runs",
-        "criterion",
-        "rule",
+        "protocol",
+        "verdicts",
+        "head_to_head",
+        "saved_fraction_of_sam_extra_time",
     },
 }
 
@@ -110,12 +108,14 @@ def check_keys(results):
     ):
         assert key in comparisons, key
     assert all(0 <= c["p_value"] <= 1 for c in comparisons.values() if c["kind"] == "comparison")
-    variant = results[
-        "sam_variant"
-    ]  # four contenders per seed, ranked among the clean models, not in the summary
-    assert len(variant["runs"]) == 4 * len(variant["seeds"])
-    assert {run["run"] for run in variant["runs"]} == set(variant["criterion"]) | {"plain, equal compute"}
-    assert variant["equal_compute_epochs"] >= variant["epochs"]
+    # the SAM study: every arm of its design from every seed, among the clean models, not in the summary
+    variant = results["sam_variant"]
+    arms, seeds = variant["design"]["arms"], {run["seed"] for run in variant["runs"]}
+    assert len(variant["runs"]) == len(arms) * len(seeds)
+    assert {run["run"] for run in variant["runs"]} == {arm["label"] for arm in arms}
+    for verdict in variant["verdicts"].values():  # each verdict is the committed rule applied to its records
+        pgd, validation = comparisons[verdict["pgd"]], comparisons[verdict["validation"]]
+        assert verdict["meets_rule"] == (pgd["direction"] == "gain" and validation["direction"] != "loss")
     assert len(results["levers"]) == 8
     assert len(results["summary"]) == len(results["clean_models"]) - len(variant["runs"]) + 1
     # the worst case over every attack can only fall when APGD joins it, and is below each attack alone
