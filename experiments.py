@@ -215,8 +215,8 @@ def _code_parts(hierarchy=(), members=(), roots=()):
         for member in members_read:
             reach_member(member)
         for chain in sorted(globals_):
-            if chain[0] not in namespace:
-                continue  # a local variable, a parameter or a builtin
+            if chain[0] not in namespace or chain[0].startswith("__"):
+                continue  # a local, a parameter, a builtin, or where the module lives (__file__, __name__)
             value, label = namespace[chain[0]], chain[0]
             for attr in chain[1:]:
                 if (

@@ -38,8 +38,9 @@ def test_results_have_the_issue_keys(quick_run):
     results, _ = quick_run
     assert set(results) == {
         "baseline", "grid", "seed_repeats", "best", "label_smoothing", "chosen_alpha", "calibration",
-        "standard_error", "reproducibility", "protocol", "comparisons",
+        "standard_error", "reproducibility", "protocol", "comparisons", "provenance",
     }  # fmt: skip
+    assert set(results["provenance"]) == {"trainings_reused", "trainings_computed"}
     assert set(results["baseline"]) == ACCURACIES | {"epochs", "trainable_parameters"}
     assert results["baseline"]["trainable_parameters"] == 784 * 20 + 20 + 20 * 40 + 40 + 40 * 10 + 10
     assert results["baseline"]["epochs"] >= 1
