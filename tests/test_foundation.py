@@ -15,6 +15,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from conftest import REPO_ROOT, animals_dir, git, run
+from test_claims import check_quick_profile_words
 
 NOTEBOOKS = [f"Assignment01_Part{n}_solution.ipynb" for n in (1, 2, 3)]
 FASHION_FILES = [
@@ -158,6 +159,8 @@ def test_quick_profile_leaves_the_checkout_clean(notebook, quick_profile_run):
     assert git("status", "--porcelain", "--untracked-files=all", cwd=checkout).stdout == ""
     part = notebook.split("_")[1].lower()
     assert (checkout / "runs" / "quick" / "results" / f"{part}.json").is_file()
+    if part in ("part2", "part3"):  # the prose of the same run: its comparative sentences and their records
+        check_quick_profile_words(checkout, notebook)
 
 
 # --- HTML export -----------------------------------------------------------------------------------
