@@ -4,6 +4,8 @@ notebook per test session (in a committed copy of the working tree), shared by t
 `make test` runs pytest on two workers (pytest-xdist, `--dist loadgroup`); `pytest_collection_modifyitems`
 keeps each test module on one worker, so that its module-scoped fixtures are built once."""
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -118,36 +120,42 @@ def checkout_copy(dest):
 
 @pytest.fixture(scope="session")
 def quick_profile_run(tmp_path_factory):
-    """``quick_profile_run(notebook)``: the notebook executed once per session in the quick profile, as
+    """``quick_profile_run(notebook)``: the notebook executed once per test session in the quick profile, as
     `make quick` runs it (default output folder runs/quick/), in a committed copy of the working tree.
     Returns (checkout folder, papermill's CompletedProcess); the executed notebook and its results are
-    under ``checkout / "runs" / "quick"``."""
+    under ``checkout / "runs" / "quick"``. Under pytest-xdist the workers share one run per notebook: the
+    first to ask executes it in the session's common temporary folder, holding a lock, and the others wait
+    for it and read its result."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder all the workers' base folders are in
     done = {}
 
     def execute(notebook):
         if notebook not in done:
-            checkout = tmp_path_factory.mktemp(Path(notebook).stem) / "checkout"
-            checkout_copy(checkout)
-            (checkout / "runs" / "quick").mkdir(parents=True)
-            proc = run(
-                [
-                    sys.executable,
-                    "-m",
-                    "papermill",
-                    notebook,
-                    f"runs/quick/{notebook}",
-                    "-p",
-                    "PROFILE",
-                    "quick",
-                    "-k",
-                    "python3",
-                    "--cwd",
-                    str(checkout),
-                ],
-                cwd=checkout,
-                timeout=1200,
-            )
-            done[notebook] = (checkout, proc)
+            folder = shared / f"quick_{Path(notebook).stem}"
+            folder.mkdir(exist_ok=True)
+            with open(folder / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                result = folder / "result.json"
+                checkout = folder / "checkout"
+                if not result.exists():
+                    checkout_copy_fresh(checkout)
+                    (checkout / "runs" / "quick").mkdir(parents=True)
+                    command = [sys.executable, "-m", "papermill", notebook, f"runs/quick/{notebook}"]
+                    command += ["-p", "PROFILE", "quick", "-k", "python3", "--cwd", str(checkout)]
+                    proc = run(command, cwd=checkout, timeout=1200)
+                    result.write_text(json.dumps([proc.args, proc.returncode, proc.stdout, proc.stderr]))
+                args, returncode, stdout, stderr = json.loads(result.read_text())
+            done[notebook] = (checkout, subprocess.CompletedProcess(args, returncode, stdout, stderr))
         return done[notebook]
 
     return execute
+
+
+def checkout_copy_fresh(dest):
+    """``checkout_copy`` into ``dest``, removing what an interrupted earlier attempt left there."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    checkout_copy(dest)
