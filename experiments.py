@@ -668,6 +668,12 @@ def _qualified(obj):
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
+def _resolve(label):
+    """The function or class that ``_qualified`` named "module:qualname"."""
+    module, qualname = label.split(":")
+    return functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+
+
 def describe(value, code):
     """A JSON-able description of an evaluation's argument ``value``, for its key: a Keras model by its
     weights (``weights_digest``), an array or tensor by ``array_digest``, a number or string as itself,
@@ -778,8 +784,7 @@ def decode(value, root):
     if "__items__" in value:
         return {_hashable(decode(k, root)): decode(v, root) for k, v in value["__items__"]}
     if "__dataclass__" in value:
-        module, qualname = value["__dataclass__"].split(":")
-        cls = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+        cls = _resolve(value["__dataclass__"])
         return cls(**{name: decode(item, root) for name, item in value["fields"].items()})
     return {key: decode(item, root) for key, item in value.items()}
 
@@ -889,9 +894,8 @@ class EvaluationCache:
                 continue
             parts, reasons = record["key_parts"], []
             for label, recorded in parts["code"].items():
-                module, qualname = label.split(":")
                 try:
-                    obj = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+                    obj = _resolve(label)
                 except (ImportError, AttributeError):
                     reasons.append(f"{label} gone")
                     continue

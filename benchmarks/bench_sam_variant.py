@@ -33,22 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_training import REPO_ROOT, load_data, machine  # noqa: E402
+from bench_training import BASE, REPO_ROOT, load_data, machine  # noqa: E402
 
 import models  # noqa: E402
 from storage import write_json  # noqa: E402
 
-CONFIGURATION = dict(
-    num_blocks=3,
-    feature_maps=32,
-    num_classes=10,
-    batch_norm=True,
+CONFIGURATION = dict(  # the SAM study's: bench_training's network without skip connections, as 3.4 chose it
+    BASE,
     use_skip=False,
-    drop_rate=0.2,
-    optimizer="adam",
-    learning_rate=1e-3,
-    batch_size=64,
-    verbose=False,
     is_augmentation=True,
     augmenter="crop_flip",
     schedule=models.CosineSchedule(warmup_epochs=2),
