@@ -213,6 +213,45 @@ def answer_slot():
     return display(Markdown("*(answer pending: computed further down)*"), display_id=True)
 
 
+def training_record(label, history, epochs_run, kept_epoch, seconds, computed_at, epochs=None):
+    """One trained model's record as ``training_table`` shows it: ``history`` is Keras's per-epoch dict
+    (its last ``accuracy`` and ``val_accuracy`` are shown), ``epochs_run`` and ``kept_epoch`` (1-based;
+    None: the last) count epochs, ``epochs`` the epochs asked for (None: not shown), ``seconds`` the
+    training time recorded when it was trained and ``computed_at`` when (ISO 8601; None: unknown)."""
+    if not history.get("accuracy") or not history.get("val_accuracy"):
+        raise ValueError(f"{label}: the history has no per-epoch accuracy and val_accuracy")
+    return dict(
+        model=label,
+        epochs_run=int(epochs_run),
+        epochs=None if epochs is None else int(epochs),
+        kept_epoch=int(kept_epoch or epochs_run),
+        minutes=float(seconds) / 60,
+        train_acc=float(history["accuracy"][-1]),
+        val_acc=float(history["val_accuracy"][-1]),
+        trained=(computed_at or "unknown")[:10],
+    )
+
+
+def training_table(records, title="Training record"):
+    """Markdown: a small table of ``training_record``s, one row a model, saying that (and when) each was
+    trained: epochs run (of those asked for), the kept epoch, minutes, the last epoch's training and
+    validation accuracy, and the date it was trained."""
+
+    def epochs(r):
+        return f"{r['epochs_run']}" + ("" if r["epochs"] is None else f" of {r['epochs']}")
+
+    rows = [
+        f"| {r['model']} | {epochs(r)} | {r['kept_epoch']} | {r['minutes']:.1f} "
+        f"| {r['train_acc']:.3f} / {r['val_acc']:.3f} | {r['trained']} |"
+        for r in records
+    ]
+    head = (
+        f"| {title} | epochs run | kept epoch | minutes "
+        "| last epoch: training / validation accuracy | trained |\n|---|---|---|---|---|---|\n"
+    )
+    return head + "\n".join(rows) + "\n"
+
+
 class Stopwatch:
     """Seconds spent per named section: ``with clock("3.8 attacks"): ...`` adds to
     ``clock.seconds["3.8 attacks"]`` (a section may be timed in several pieces)."""
