@@ -161,6 +161,70 @@ def headings(notebook):
     return [text for kind, text in reader_view(notebook) if kind == "heading"]
 
 
+# What each question asks for, as patterns (case-insensitive) its answer line must contain: the quantities
+# the assignment asks it to report. FIRST_CLAUSE: for the questions that ask for a verdict (did it learn?
+# which case is better? did SAM help?), the verdict in words, in the answer's first clause (before its first
+# ':' or ';', after a leading "Answer:").
+ASKED = {
+    "Question 1.1": [r"range", r"derivative"],
+    "Question 1.2": [r"h\^\{?1", r"h\^\{?2", r"h\^\{?3", r"probabilit", r"cross-entropy", r"label smoothing"],
+    "Question 1.3": [r"predict", r"cross-entropy", r"derivative|gradient", r"updated", r"W\^\{?2", r"b\^\{?2",
+                     r"W\^\{?1", r"b\^\{?1"],
+    "Question 2.1": [r"training", r"test", r"28 × 28"],
+    "Question 2.2": [r"training", r"validation", r"test"],
+    "Question 2.3": [r"images", r"label"],
+    "Question 2.4": [r"test accuracy"],
+    "Question 2.5": [r"best", r"test"],
+    "Question 2.6": [r"0\.1\b", r"0\.15\b", r"0\.2\b", r"test"],
+    "Question 3.1": [r"did not learn|learned", r"problem", r"learning rate", r"improve|fix"],
+    "Question 3.2": [r"YourModel", r"skip connection"],
+    "Question 3.3": [r"better", r"overfit"],
+    "Question 3.4": [r"best", r"num_blocks", r"use_skip", r"learning_rate", r"test"],
+    "Question 3.5": [r"augmentation", r"early stopping"],
+    "Question 3.6": [r"with augmentation", r"without"],
+    "Question 3.7": [r"mixup", r"test"],
+    "Question 3.8": [r"clean", r"FGSM", r"PGD", r"MIM"],
+    "Question 3.9": [r"clean", r"FGSM", r"PGD", r"MIM", r"models/"],
+    "Question 3.10": [r"SAM", r"clean", r"test"],
+}  # fmt: skip
+FIRST_CLAUSE = {
+    "Question 3.1": r"\b(no|yes)\b|did not learn|learned",
+    "Question 3.3": r"better",
+    "Question 3.6": r"augmentation (raises|lowers|does not)|no measurable",
+    "Question 3.10": r"\b(no|yes)\b|did not|does not|raised|improved",
+}
+
+
+def answer_lines(notebook):
+    """{question ("Question 3.3"): the bold answer line under its heading} for the answered questions."""
+    view = reader_view(notebook)
+    return {
+        re.search(r"Question\s+\d+\.\d+", text).group(): after[1]
+        for (kind, text), after in zip(view, view[1:])
+        if kind == "heading" and after[0] == "answer"
+    }
+
+
+def first_clause(line):
+    """The answer line's first clause: up to its first ':' or ';', after the bold mark and "Answer:"."""
+    text = re.sub(r"^\W*answer(\s*\([^)]*\))?:\s*", "", line.lstrip("* \n"), flags=re.IGNORECASE)
+    return re.split(r"[:;]", text, maxsplit=1)[0]
+
+
+def unasked_answers(notebook):
+    """(question, what is missing) for each answer line that does not name a quantity its question asks
+    for (``ASKED``), or whose first clause does not give the verdict asked for (``FIRST_CLAUSE``)."""
+    missing = []
+    for question, line in answer_lines(notebook).items():
+        missing += [
+            (question, pattern) for pattern in ASKED.get(question, []) if not re.search(pattern, line, re.I)
+        ]
+        verdict = FIRST_CLAUSE.get(question)
+        if verdict and not re.search(verdict, first_clause(line), re.I):
+            missing.append((question, f"first clause: {verdict}"))
+    return missing
+
+
 # --- the committed notebooks -------------------------------------------------------------------------------
 
 
@@ -182,6 +246,14 @@ def test_every_question_opens_with_its_bold_answer_line(part):
     notebook, _ = committed(part)
     assert headings(notebook), "no question headings found"
     assert unanswered_questions(notebook) == []
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_answer_line_names_what_its_question_asks_for(part):
+    notebook, _ = committed(part)
+    asked = {question for question in ASKED if question.startswith(f"Question {part}.")}
+    assert set(answer_lines(notebook)) == asked
+    assert unasked_answers(notebook) == []
 
 
 # --- the checks fail on planted faults ---------------------------------------------------------------------
@@ -262,6 +334,27 @@ def test_a_question_without_its_answer_line_first_fails():
     assert unanswered_questions(new_notebook(cells=[prose_first, hidden("**Answer: 0.88.**")])) == [
         "## Question 9.1: do it"
     ]
+
+
+def test_an_answer_line_that_does_not_name_its_quantity_fails():
+    heading = new_markdown_cell("## Question 3.3: with and without the skip connection")
+    good = "**Neither case is better by a measurable margin: validation 0.620 → 0.638; both overfit.**"
+    assert unasked_answers(new_notebook(cells=[heading, hidden(good)])) == []
+    numbers_first = "**With against without, validation: 0.620 → 0.638; neither is better; both overfit.**"
+    no_overfitting = "**Neither case is better by a measurable margin: validation 0.620 → 0.638.**"
+    assert unasked_answers(new_notebook(cells=[heading, hidden(numbers_first)])) == [
+        ("Question 3.3", f"first clause: {FIRST_CLAUSE['Question 3.3']}")
+    ]
+    assert unasked_answers(new_notebook(cells=[heading, hidden(no_overfitting)])) == [
+        ("Question 3.3", "overfit")
+    ]
+    sgd = new_markdown_cell("## Question 1.3: forward and backward propagation, and one SGD step")
+    loss_only = (
+        "**Answer: predicted class 3, cross-entropy 0.40, derivatives in (e)-(f); after the step 0.39.**"
+    )
+    assert [pattern for _, pattern in unasked_answers(new_notebook(cells=[sgd, hidden(loss_only)]))] == [
+        "updated", r"W\^\{?2", r"b\^\{?2", r"W\^\{?1", r"b\^\{?1"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
