@@ -232,23 +232,31 @@ def training_record(label, history, epochs_run, kept_epoch, seconds, computed_at
     )
 
 
-def training_table(records, title="Training record"):
+def _epochs(record):
+    return f"{record['epochs_run']}" + ("" if record["epochs"] is None else f" of {record['epochs']}")
+
+
+def training_line(record):
+    """Markdown: one ``training_record`` as a line, e.g. "*Trained:* mixup, 40 of 40 epochs, kept epoch 39,
+    12.3 min; last epoch: training accuracy 0.702, validation 0.776; on 2026-11-29."."""
+    r = record
+    return (
+        f"*Trained:* {r['model']}, {_epochs(r)} epochs, kept epoch {r['kept_epoch']}, "
+        f"{r['minutes']:.1f} min; last epoch: training accuracy {r['train_acc']:.3f}, "
+        f"validation {r['val_acc']:.3f}; on {r['trained']}."
+    )
+
+
+def training_table(records, title="trained"):
     """Markdown: a small table of ``training_record``s, one row a model, saying that (and when) each was
     trained: epochs run (of those asked for), the kept epoch, minutes, the last epoch's training and
     validation accuracy, and the date it was trained."""
-
-    def epochs(r):
-        return f"{r['epochs_run']}" + ("" if r["epochs"] is None else f" of {r['epochs']}")
-
     rows = [
-        f"| {r['model']} | {epochs(r)} | {r['kept_epoch']} | {r['minutes']:.1f} "
+        f"| {r['model']} | {_epochs(r)} | {r['kept_epoch']} | {r['minutes']:.1f} "
         f"| {r['train_acc']:.3f} / {r['val_acc']:.3f} | {r['trained']} |"
         for r in records
     ]
-    head = (
-        f"| {title} | epochs run | kept epoch | minutes "
-        "| last epoch: training / validation accuracy | trained |\n|---|---|---|---|---|---|\n"
-    )
+    head = f"| {title} | epochs | kept | min | last epoch: train / valid | on |\n|---|---|---|---|---|---|\n"
     return head + "\n".join(rows) + "\n"
 
 

@@ -159,14 +159,18 @@ def test_source_leaves_out_the_docstring_and_nothing_else():
 
 
 def test_training_table_shows_each_record_from_its_history():
-    from report import training_record, training_table
+    from report import training_line, training_record, training_table
 
     history = {"accuracy": [0.25, 0.5, 0.75], "val_accuracy": [0.2, 0.4, 0.35]}
     stopped = training_record("A", history, 3, 2, 150, "2026-11-29T12:05:29+00:00", epochs=40)
     every = training_record("B", history, 3, None, 30, None)
     table = training_table([stopped, every], title="run").splitlines()
-    assert table[0].startswith("| run | epochs run | kept epoch | minutes |")
+    assert table[0] == "| run | epochs | kept | min | last epoch: train / valid | on |"
     assert table[2] == "| A | 3 of 40 | 2 | 2.5 | 0.750 / 0.350 | 2026-11-29 |"
     assert table[3] == "| B | 3 | 3 | 0.5 | 0.750 / 0.350 | unknown |"  # kept: the last epoch
+    assert training_line(stopped) == (
+        "*Trained:* A, 3 of 40 epochs, kept epoch 2, 2.5 min; "
+        "last epoch: training accuracy 0.750, validation 0.350; on 2026-11-29."
+    )
     with pytest.raises(ValueError, match="C: the history has no per-epoch accuracy"):
         training_record("C", {"loss": [1.0]}, 1, 1, 1.0, None)

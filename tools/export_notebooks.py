@@ -74,6 +74,8 @@ PRINT_CSS = """
   .jp-InputArea-editor pre, .jp-RenderedText pre { white-space: pre-wrap; overflow-wrap: anywhere; }
   .jp-OutputArea-child { break-inside: auto; }
   .jp-RenderedImage { break-inside: avoid; }
+  .jp-RenderedHTMLCommon table { font-size: 11px; }
+  .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { padding: 2px 6px; line-height: 1.25; }
 }
 """
 
