@@ -5,8 +5,10 @@ fewer seeds (results["protocol"] records which); the committed full-profile resu
 assignment's twelve-network grid and three seeds."""
 
 import dataclasses
+import datetime
 import itertools
 import json
+import re
 
 import nbformat
 import numpy as np
@@ -147,6 +149,49 @@ def test_executed_notebook_has_no_errors_and_renders_the_answers(quick_run):
     assert "answer pending" not in markdown, "every answer slot is filled"
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert streams.count("pass (") == 3, "the three checks of Appendix A"
+
+
+QUESTION_HEADING = re.compile(r"^#+\s*Question (2\.\d)\b", re.MULTILINE)
+
+
+def training_tables(notebook):
+    """{question ("2.4"): [row, ...]} of the training-record tables (report.training_table) the notebook
+    shows, each under the last question heading before it; a row is its cells, as text."""
+    tables, question = {}, None
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            question = (QUESTION_HEADING.findall(cell.source) or [question])[-1]
+            continue
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("data", {}).get("text/markdown", ""))
+            if "| epochs run |" in text:
+                lines = [line for line in text.splitlines() if line.startswith("|")][2:]  # after the head
+                tables.setdefault(question, []).extend(
+                    [c.strip() for c in line.strip("|").split("|")] for line in lines
+                )
+    return tables
+
+
+@pytest.mark.parametrize("where", [pytest.param("quick", marks=pytest.mark.notebook), "committed"])
+def test_each_question_shows_the_training_records_of_its_runs(request, where):
+    """Question 2.4's run, the grid's runs and the three alpha runs of seed SEED, one row each under their
+    question: epochs run of those asked for, the kept epoch among them, accuracies in [0, 1], a date."""
+    if where == "quick":
+        results, notebook = request.getfixturevalue("quick_run")
+    else:
+        results = json.loads(COMMITTED_RESULTS.read_text())
+        notebook = nbformat.read(NOTEBOOK, as_version=4)
+    tables = training_tables(notebook)
+    assert {question: len(rows) for question, rows in tables.items()} == {
+        "2.4": 1, "2.5": len(results["grid"]), "2.6": len(results["label_smoothing"]) - 1,
+    }  # fmt: skip
+    for rows in tables.values():
+        for _, epochs, kept, minutes, accuracies, trained in rows:
+            run, asked = map(int, epochs.split(" of "))
+            assert 1 <= int(kept) <= run <= asked and float(minutes) >= 0
+            assert all(0.0 <= float(a) <= 1.0 for a in accuracies.split(" / "))
+            datetime.date.fromisoformat(trained)
+    assert int(tables["2.4"][0][1].split(" of ")[0]) == results["baseline"]["epochs"]
 
 
 # --- the hand-written loss -----------------------------------------------------------------------
