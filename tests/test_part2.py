@@ -154,9 +154,18 @@ def test_executed_notebook_has_no_errors_and_renders_the_answers(quick_run):
 QUESTION_HEADING = re.compile(r"^#+\s*Question (2\.\d)\b", re.MULTILINE)
 
 
+TRAINED_LINE = re.compile(
+    r"\*Trained:\* (.+), (\d+ of \d+) epochs, kept epoch (\d+), ([\d.]+) min; "
+    r"last epoch: training accuracy ([\d.]+), validation ([\d.]+); on ([\d-]+)\."
+)
+PROTOCOLS = 5  # Question 2.5's candidate training protocols (the notebook's CANDIDATES, in every profile)
+
+
 def training_tables(notebook):
-    """{question ("2.4"): [row, ...]} of the training-record tables (report.training_table) the notebook
-    shows, each under the last question heading before it; a row is its cells, as text."""
+    """{(question ("2.4"), title): [row, ...]} of the training records the notebook shows (a
+    report.training_table, titled by its first header cell, or a report.training_line, titled "line"), each
+    under the last question heading before it; a row is [model, "run of asked", kept, minutes,
+    "train / valid", date], as text."""
     tables, question = {}, None
     for cell in notebook.cells:
         if cell.cell_type == "markdown":
@@ -164,34 +173,48 @@ def training_tables(notebook):
             continue
         for output in cell.get("outputs", []):
             text = "".join(output.get("data", {}).get("text/markdown", ""))
-            if "| epochs run |" in text:
-                lines = [line for line in text.splitlines() if line.startswith("|")][2:]  # after the head
-                tables.setdefault(question, []).extend(
-                    [c.strip() for c in line.strip("|").split("|")] for line in lines
+            for line in TRAINED_LINE.finditer(text):
+                model, epochs, kept, minutes, train, valid, date = line.groups()
+                tables.setdefault((question, "line"), []).append(
+                    [model, epochs, kept, minutes, f"{train} / {valid}", date]
+                )
+            if "| epochs | kept | min |" in text:
+                lines = [line for line in text.splitlines() if line.startswith("|")]
+                title = lines[0].strip("|").split("|")[0].strip()
+                tables.setdefault((question, title), []).extend(
+                    [c.strip() for c in line.strip("|").split("|")]
+                    for line in lines[2:]  # after the head
                 )
     return tables
 
 
 @pytest.mark.parametrize("where", [pytest.param("quick", marks=pytest.mark.notebook), "committed"])
 def test_each_question_shows_the_training_records_of_its_runs(request, where):
-    """Question 2.4's run, the grid's runs and the three alpha runs of seed SEED, one row each under their
-    question: epochs run of those asked for, the kept epoch among them, accuracies in [0, 1], a date."""
+    """Question 2.4's run, the protocols and the grid's runs of 2.5 (the top networks' other seeds too) and
+    every alpha run of 2.6, one row each under their question: epochs run of those asked for, the kept
+    epoch among them, accuracies in [0, 1], a date."""
     if where == "quick":
         results, notebook = request.getfixturevalue("quick_run")
     else:
         results = json.loads(COMMITTED_RESULTS.read_text())
         notebook = nbformat.read(NOTEBOOK, as_version=4)
     tables = training_tables(notebook)
-    assert {question: len(rows) for question, rows in tables.items()} == {
-        "2.4": 1, "2.5": len(results["grid"]), "2.6": len(results["label_smoothing"]) - 1,
-    }  # fmt: skip
+    seed = results["protocol"]["seed"]
+    seeds = len(results["protocol"]["seeds"])
+    assert {key: len(rows) for key, rows in tables.items()} == {
+        ("2.4", "line"): 1,
+        ("2.5", f"protocol, seed {seed}"): PROTOCOLS,
+        ("2.5", f"grid network, seed {seed}"): len(results["grid"]),
+        ("2.5", "grid network, other seeds"): sum(len(row["seeds"]) - 1 for row in results["seed_repeats"]),
+        ("2.6", "run"): (len(results["label_smoothing"]) - 1) * seeds,
+    }
     for rows in tables.values():
         for _, epochs, kept, minutes, accuracies, trained in rows:
             run, asked = map(int, epochs.split(" of "))
             assert 1 <= int(kept) <= run <= asked and float(minutes) >= 0
             assert all(0.0 <= float(a) <= 1.0 for a in accuracies.split(" / "))
             datetime.date.fromisoformat(trained)
-    assert int(tables["2.4"][0][1].split(" of ")[0]) == results["baseline"]["epochs"]
+    assert int(tables["2.4", "line"][0][1].split(" of ")[0]) == results["baseline"]["epochs"]
 
 
 # --- the hand-written loss -----------------------------------------------------------------------
