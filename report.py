@@ -388,7 +388,11 @@ def _comparison(label_a, label_b, metric, a, b, test_name, p_value, detail, alph
             shown = f"{p_value:.3g}"
         test = f"{'significant: ' if significant else ''}{test_name} p = {shown}"
     verdict = f"a {direction}" if significant else direction
-    words = f"{verdict}, {a:.3f} → {b:.3f} ({b - a:+.3f}, {test})"
+    # The figures as shown add up: three decimals where they do, else four ("0.888 → 0.889 (+0.000)" for
+    # 0.8885 → 0.8886 reads "0.8885 → 0.8886 (+0.0001)"), the difference then that of the figures shown.
+    digits = 3 if f"{round(b, 3) - round(a, 3):+.3f}" == f"{b - a:+.3f}" else 4
+    difference_shown = round(b, digits) - round(a, digits)
+    words = f"{verdict}, {a:.{digits}f} → {b:.{digits}f} ({difference_shown:+.{digits}f}, {test})"
     return dict(
         kind="comparison",
         a_label=label_a,

@@ -62,10 +62,11 @@ def test_compare_calls_a_difference_a_gain_only_when_mcnemar_rejects_equality():
     assert gain["direction"] == "gain" and gain["significant"]
     assert gain["difference"] == pytest.approx(18 / len(a))
     assert gain["p_value"] == pytest.approx(exact_two_sided(2, 22))
-    assert gain["words"] == "a gain, 0.716 → 0.758 (+0.043, significant: McNemar p = 0.00012)"
+    # 0.7156 → 0.7583 at three decimals would read 0.716 → 0.758 (+0.043): four, so that the figures add up
+    assert gain["words"] == "a gain, 0.7156 → 0.7583 (+0.0427, significant: McNemar p = 0.00012)"
     loss = compare("B", "A", "validation accuracy", correct_a=b, correct_b=a)
     assert loss["direction"] == "loss"
-    assert loss["words"] == "a loss, 0.758 → 0.716 (-0.043, significant: McNemar p = 0.00012)"
+    assert loss["words"] == "a loss, 0.7583 → 0.7156 (-0.0427, significant: McNemar p = 0.00012)"
     a, b = masks(9, 12)
     flat = compare("A", "B", "test accuracy", correct_a=a, correct_b=b)
     assert flat["direction"] == "no measurable change" and not flat["significant"]
@@ -114,8 +115,8 @@ def test_a_significant_p_value_never_reads_as_alpha():
     """p = 0.0496 rounded to two digits would be "p = 0.05" beside "significant": it gets a third digit."""
     a, b = masks(2, 20)
     record = dict(compare("A", "B", "accuracy", correct_a=a, correct_b=b), p_value=0.0496)
-    assert rerender(record).endswith("(+0.043, significant: McNemar p = 0.0496)")
-    assert rerender(dict(record, p_value=0.051)).endswith("(+0.043, McNemar p = 0.051)")
+    assert rerender(record).endswith("(+0.0427, significant: McNemar p = 0.0496)")
+    assert rerender(dict(record, p_value=0.051)).endswith("(+0.0427, McNemar p = 0.051)")
     assert rerender(dict(record, p_value=0.00012345)).endswith("significant: McNemar p = 0.00012)")
 
 
@@ -174,3 +175,22 @@ def test_training_table_shows_each_record_from_its_history():
     )
     with pytest.raises(ValueError, match="C: the history has no per-epoch accuracy"):
         training_record("C", {"loss": [1.0]}, 1, 1, 1.0, None)
+
+
+@pytest.mark.parametrize(
+    "a, b", [(0.62, 0.638), (0.8885, 0.88861), (0.1087, 0.2113), (0.5, 0.49999), (0.774, 0.762)]
+)
+def test_the_words_figures_add_up_as_shown(a, b):
+    import re
+
+    from report import _comparison
+
+    words = _comparison("A", "B", "test accuracy", a, b, "McNemar", 0.5, "", 0.05)["words"]
+    shown_a, shown_b, shown_difference = re.match(
+        r"[^,]*, ([\d.]+) → ([\d.]+) \(([-+][\d.]+),", words
+    ).groups()
+    digits = len(shown_difference.split(".")[1])
+    assert f"{float(shown_b) - float(shown_a):+.{digits}f}" == shown_difference
+    assert (
+        digits == 3 or f"{round(b, 3) - round(a, 3):+.3f}" != f"{b - a:+.3f}"
+    )  # more digits only where needed
