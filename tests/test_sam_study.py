@@ -17,10 +17,14 @@ DESIGN_PATH = REPO_ROOT / "results" / "sam_variant_design.json"
 CACHE = REPO_ROOT / "results" / "cache"
 
 
+def slug(arm):
+    """An arm's runs' name stem, as study_entry in the notebook makes it: its `entry`, else its label."""
+    return "".join(ch if ch.isalnum() else "_" for ch in arm.get("entry", arm["label"]))
+
+
 def entry(arm, seed):
     """The cache entry of one run, as the notebook names it (study_entry)."""
-    slug = "".join(ch if ch.isalnum() else "_" for ch in arm["label"])
-    return f"sam_variant/Part3_Sec3_10_{slug}_seed{seed}"
+    return f"sam_variant/Part3_Sec3_10_{slug(arm)}_seed{seed}"
 
 
 def committed_records(design):
@@ -64,16 +68,16 @@ def design():
     return json.loads(DESIGN_PATH.read_text())
 
 
-def test_the_design_has_three_seeds_and_plain_training_at_three_budgets(design):
+def test_the_design_sets_each_contender_against_plain_training_at_its_compute(design):
     assert len(design["seeds"]) == 3
-    plain = sorted(arm["epochs"] for arm in design["arms"] if arm["kind"] == "plain")
+    plain = {arm["label"]: arm["epochs"] for arm in design["arms"] if arm["kind"] == "plain"}
     ratio = design["compute"]["ratio_to_plain"]
-    base = design["base_epochs"]
-    assert plain == sorted([base, round(base * ratio["variant"]), round(base * ratio["SAM"])])
-    for arm in design["arms"]:
-        if arm["kind"] != "plain":
-            baseline = next(a for a in design["arms"] if a["label"] == arm["baseline"])
-            assert baseline["epochs"] == round(arm["epochs"] * ratio[arm["cost"]])  # equal measured compute
+    assert design["base_epochs"] in plain.values()
+    contenders = [arm for arm in design["arms"] if arm["kind"] != "plain"]
+    assert {arm["kind"] for arm in contenders} == {"SAM", "variant"}
+    for arm in contenders:
+        assert plain[arm["baseline"]] == round(arm["epochs"] * ratio[arm["cost"]])  # equal measured compute
+    assert len({slug(arm) for arm in design["arms"]}) == len(design["arms"])  # no two arms share runs
 
 
 def test_every_committed_run_follows_the_design(design):
@@ -98,22 +102,36 @@ def test_a_record_that_contradicts_the_design_is_caught(design, fault, expected)
     assert len(problems) == 1 and problems[0].startswith(name) and expected in problems[0]
 
 
-def test_the_design_was_committed_before_the_runs():
-    """`git log`: the commit that added the design comes before the one that added the runs' records, and the
-    design has not changed since the runs were added."""
+def test_each_arm_was_designed_before_its_runs():
+    """`git log`: for every arm of the design, the first commit of the design file that holds the arm (its
+    label, runs and epochs) comes before the commit that added the arm's first run record; the rule has never
+    changed."""
 
-    def commits(*args):
-        out = subprocess.run(
-            ["git", "log", "--format=%H", *args], cwd=REPO_ROOT, capture_output=True, text=True
-        )
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         if out.returncode != 0:
             pytest.skip("not a git checkout")
-        return out.stdout.split()[::-1]  # oldest first
+        return out.stdout
+
+    def commits(*args):
+        return git("log", "--format=%H", *args).split()[::-1]  # oldest first
 
     design_commits = commits("--", "results/sam_variant_design.json")
     runs_added = commits("--diff-filter=A", "--", "results/cache/sam_variant")
     if not design_commits or not runs_added:
         pytest.skip("a checkout without the history of the study (e.g. a shallow clone)")
     history = commits()
-    assert history.index(design_commits[0]) < history.index(runs_added[0])
-    assert all(history.index(c) < history.index(runs_added[0]) for c in design_commits)
+    designs = [(c, json.loads(git("show", f"{c}:results/sam_variant_design.json"))) for c in design_commits]
+    design = designs[-1][1]
+    for arm in design["arms"]:
+        held = [
+            c
+            for c, d in designs
+            if any(slug(a) == slug(arm) and a["epochs"] == arm["epochs"] for a in d["arms"])
+        ]
+        added = commits(
+            "--diff-filter=A", "--", f"results/cache/sam_variant/Part3_Sec3_10_{slug(arm)}_seed*.json"
+        )
+        if added:
+            assert history.index(held[0]) < history.index(added[0]), arm["label"]
+    assert all(d["rule"] == design["rule"] for _, d in designs)
