@@ -1,8 +1,9 @@
 """Shared test fixtures: the repository root, the Animals data location, and one quick-profile run of each
 notebook per test session (in a committed copy of the working tree), shared by the tests that need one.
 
-`make test` runs pytest on two workers (pytest-xdist, `--dist loadgroup`); `pytest_collection_modifyitems`
-keeps each test module on one worker, so that its module-scoped fixtures are built once."""
+`make test` runs pytest on two workers (pytest-xdist, `--dist loadgroup`); `pytest_xdist_make_scheduler`
+keeps each test module on one worker, so that its module-scoped fixtures are built once, and hands out the
+longest modules first, so that the two workers finish together."""
 
 import fcntl
 import json
@@ -30,16 +31,73 @@ def animals_dir():
     return path if has_images else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(config, items):
-    """One xdist group per test module. The quick-profile test of Part N in test_foundation.py joins
-    test_partN.py's group, whose tests use the same run: each notebook is executed once per session."""
+# The groups that take longest in `make test`, about longest first (their tests' times added up, measured on
+# each worker); the other groups follow, most tests first (pytest-xdist's own order)
+LONGEST_GROUPS = (
+    "test_part3",
+    "test_part2",
+    "test_experiments",
+    "test_attacks_regularizers",
+    "test_submission",
+    "test_foundation",
+    "test_models_core",
+    "test_student",
+    "test_part1",
+    "test_evaluations",
+    "test_apgd",
+)
+
+
+def xdist_group(nodeid):
+    """The group of the test ``nodeid`` under `--dist loadgroup`: its module's name, except that the
+    quick-profile test of Part N in test_foundation.py joins test_partN.py's group, whose tests use the same
+    run: each notebook is executed once per session, by one worker."""
+    path, _, test = nodeid.partition("::")
+    quick = "test_quick_profile_leaves_the_checkout_clean["
+    if Path(path).stem == "test_foundation" and test.startswith(quick):
+        return notebook_group(test[len(quick) : -1])
+    return Path(path).stem
+
+
+def notebook_group(notebook):
+    """The group of the tests of Part N's notebook: Assignment01_Part2_solution.ipynb -> test_part2."""
+    return "test_" + notebook.split("_")[1].lower()
+
+
+def pytest_collection_modifyitems(items):
+    """Stops the session where ``xdist_group``, which sees only test ids, would not put a test that takes a
+    notebook's quick-profile run (``notebook`` parameter, ``quick_profile_run`` fixture) in that notebook's
+    group (a test renamed or added)."""
     for item in items:
-        group = item.path.stem
         notebook = item.callspec.params.get("notebook") if hasattr(item, "callspec") else None
         if notebook and "quick_profile_run" in item.fixturenames:
-            group = "test_" + notebook.split("_")[1].lower()  # ..._Part2_solution.ipynb -> test_part2
-        item.add_marker(pytest.mark.xdist_group(group))
+            if xdist_group(item.nodeid) != notebook_group(notebook):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: conftest.xdist_group must return {notebook_group(notebook)}"
+                )
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before pytest-xdist's own; optional without pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups of ``xdist_group``, LONGEST_GROUPS first. pytest-xdist 3.8 would
+    read the groups from `xdist_group` marks, through a suffix it appends to the test ids, which pytest 9.2
+    ignores (pytest-xdist issue #1386): every test would be a group of its own, a module's fixtures built on
+    both workers and a notebook's quick-profile run waited for by the other worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return xdist_group(nodeid)
+
+        def _assign_work_unit(self, node):
+            for group in reversed(LONGEST_GROUPS):
+                if group in self.workqueue:
+                    self.workqueue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
+
+    return GroupScheduling(config, log)
 
 
 def small_net(cls=None, **kwargs):
@@ -125,7 +183,8 @@ def quick_profile_run(tmp_path_factory):
     Returns (checkout folder, papermill's CompletedProcess); the executed notebook and its results are
     under ``checkout / "runs" / "quick"``. Under pytest-xdist the workers share one run per notebook: the
     first to ask executes it in the session's common temporary folder, holding a lock, and the others wait
-    for it and read its result."""
+    for it and read its result (with `--dist loadgroup` the tests of a run are in one group, see
+    ``xdist_group``, so that one worker asks)."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the folder all the workers' base folders are in
