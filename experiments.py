@@ -419,7 +419,14 @@ class ExperimentCache:
         """Every entry of this cache: {name: Run}, names sorted (``grid/...`` for sub-folders)."""
         folder = self.folder / "results" / "cache"
         names = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.json"))
-        return {name: self._run(name, self._record(name), reused=True) for name in names}
+        return {name: self.entry(name) for name in names}
+
+    def entry(self, name):
+        """The Run of the entry ``name``, read from its record (nothing is trained); KeyError without one."""
+        record = self._record(name)
+        if record is None:
+            raise KeyError(f"no cache entry {name!r} in {self.folder / 'results' / 'cache'}")
+        return self._run(name, record, reused=True)
 
     def _record(self, name):
         path = self.record_path(name)

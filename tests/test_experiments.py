@@ -180,6 +180,9 @@ def test_second_fit_reuses_the_entry(tmp_path, capsys):
     assert "Reused tiny: 2 epochs" in capsys.readouterr().out
     assert network.model is not None and network.history == first.history
     assert list(cache.entries()) == ["tiny"]
+    assert cache.entry("tiny") == cache.entries()["tiny"] and cache.entry("tiny").history == first.history
+    with pytest.raises(KeyError, match="no cache entry 'other'"):
+        cache.entry("other")
     assert oct((tmp_path / "results" / "cache" / "tiny.json").stat().st_mode & 0o777) == "0o644"
     assert oct(first.model_path.stat().st_mode & 0o777) == "0o644"
     quiet = ExperimentCache(tmp_path, tiny_data(), quiet=True)
