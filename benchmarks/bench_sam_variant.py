@@ -109,17 +109,17 @@ def interleaved(manager, rounds):
 def summary(seconds, cpu_seconds):
     """Per contender: the median and range of its timed epochs (the warm-up left out) and the ratio of its
     median to plain training's, in wall-clock and in CPU seconds."""
-    plain = statistics.median(seconds["plain"][1:])
-    plain_cpu = statistics.median(cpu_seconds["plain"][1:])
+    median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
+    cpu_median = {name: statistics.median(times[1:]) for name, times in cpu_seconds.items()}
     return {
         name: dict(
-            median_s=statistics.median(times[1:]),
+            median_s=median[name],
             min_s=min(times[1:]),
             max_s=max(times[1:]),
-            ratio_to_plain=statistics.median(times[1:]) / plain,
+            ratio_to_plain=median[name] / median["plain"],
             epochs_s=times,
-            cpu_median_s=statistics.median(cpu_seconds[name][1:]),
-            cpu_ratio_to_plain=statistics.median(cpu_seconds[name][1:]) / plain_cpu,
+            cpu_median_s=cpu_median[name],
+            cpu_ratio_to_plain=cpu_median[name] / cpu_median["plain"],
             epochs_cpu_s=cpu_seconds[name],
         )
         for name, times in seconds.items()
